@@ -1,0 +1,237 @@
+"""The ledger contract: result types and the ``Ledger`` protocol (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from ..keys import Budget
+
+__all__ = [
+    "HeldBudget",
+    "HoldRequest",
+    "Ledger",
+    "LedgerError",
+    "LedgerUnavailable",
+    "Rejection",
+    "Renewed",
+    "Reservation",
+    "SettleOutcome",
+    "Settled",
+    "Settlement",
+    "Usage",
+    "Violation",
+    "id_time_ms",
+    "new_reservation_id",
+]
+
+SettleOutcome = Literal["applied", "late", "recovered", "duplicate", "stale"]
+# When the holds of one reservation end in different outcomes, the reservation reports the one that
+# matters most to an operator: spend recovered from lost state first, a no-op last.
+_OUTCOME_RANK: dict[SettleOutcome, int] = {
+    "recovered": 0, "late": 1, "stale": 2, "applied": 3, "duplicate": 4,
+}
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_DECODE = {c: i for i, c in enumerate(_CROCKFORD)}
+
+
+def new_reservation_id(now_ms: int | None = None) -> str:
+    """A ULID: 48 bits of creation time (ms) and 80 random bits, 26 Crockford base32 characters.
+
+    The creation time lets a settle refuse an id older than the tombstone horizon without a lookup.
+    """
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        value, rem = divmod(value, 32)
+        chars.append(_CROCKFORD[rem])
+    return "".join(reversed(chars))
+
+
+def id_time_ms(reservation_id: str) -> int:
+    """The creation time carried by a reservation id (0 if it is not a ULID)."""
+    if len(reservation_id) != 26:
+        return 0
+    value = 0
+    for ch in reservation_id:
+        digit = _DECODE.get(ch)
+        if digit is None:
+            return 0
+        value = value * 32 + digit
+    return value >> 80
+
+
+class LedgerError(Exception):
+    """The ledger could not answer; the outcome of the call may be unknown."""
+
+
+class LedgerUnavailable(LedgerError):
+    """The ledger's store is unreachable (connection refused, timed out, no primary)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    """One hold to take: ``amount`` on ``budget`` whose default limit is ``limit`` (micro-units)."""
+
+    budget: Budget
+    limit: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeldBudget:
+    """A hold that was taken: what a settlement needs to find it again, even after it expired."""
+
+    budget: Budget
+    amount: int
+    window: int
+    epoch: str
+    limit: int
+    remaining: int
+    reset_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The holds of one request, taken all-or-nothing under one id."""
+
+    id: str
+    holds: tuple[HeldBudget, ...]
+    lease_ms: int
+    now_ms: int
+    purged: int = 0
+    expired_ids: tuple[str, ...] = ()
+    replayed: bool = False
+    admitted: Literal[True] = True
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """One budget that refused a reservation."""
+
+    budget: Budget
+    limit: int
+    spent: int
+    held: int
+    amount: int
+    reset_ms: int | None
+    now_ms: int
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.spent - self.held)
+
+    @property
+    def blocked_by_spend(self) -> bool:
+        """True when spent alone refuses the request: waiting for holds to settle cannot help."""
+        return self.spent >= self.limit or self.spent + self.amount > self.limit
+
+    @property
+    def reset_after(self) -> float | None:
+        """Seconds until the window resets, None for a lifetime budget."""
+        if self.reset_ms is None:
+            return None
+        return max(0.0, (self.reset_ms - self.now_ms) / 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A refused reservation: no hold was taken on any budget."""
+
+    id: str
+    violations: tuple[Violation, ...]
+    purged: int = 0
+    expired_ids: tuple[str, ...] = ()
+    admitted: Literal[False] = False
+
+    @property
+    def rule(self) -> str:
+        return self.violations[0].budget.rule
+
+
+@dataclass(slots=True)
+class Settlement:
+    """Ending a reservation: remove its holds and add ``actual`` to spent, exactly once.
+
+    ``holds`` with an empty ``epoch`` and ``window`` -1 come from a reserve whose reply never
+    arrived: such a settlement must carry ``actual == 0`` and only releases what it finds.
+    """
+
+    reservation_id: str
+    holds: tuple[HeldBudget, ...]
+    actual: int
+    reason: str
+    estimate: int = 0
+    attempts: int = 0
+    context: object = None  # telemetry: the reserve span's context, for the settle span's link
+    trace_id: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What a settle did, per hold and overall."""
+
+    reservation_id: str
+    outcomes: tuple[SettleOutcome, ...]
+
+    @property
+    def outcome(self) -> SettleOutcome:
+        if not self.outcomes:
+            return "duplicate"
+        return min(self.outcomes, key=_OUTCOME_RANK.__getitem__)
+
+
+@dataclass(frozen=True, slots=True)
+class Renewed:
+    """What a lease renewal found: renewed holds, tombstones held again, and holds gone."""
+
+    renewed: int = 0
+    reheld: int = 0
+    missing: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A budget's state in its current window."""
+
+    budget: Budget
+    limit: int
+    spent: int
+    held: int
+    holds: int
+    window: int
+    reset_ms: int | None
+    now_ms: int
+    purged: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.spent - self.held)
+
+
+class Ledger(Protocol):
+    """The store behind budgets. Every backend passes the same test suite."""
+
+    async def reserve(
+        self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
+    ) -> Reservation | Rejection: ...
+
+    async def settle(self, settlement: Settlement) -> Settled: ...
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> list[Settled]: ...
+
+    async def extend(self, reservations: Sequence[Reservation], lease_ms: int) -> Renewed: ...
+
+    async def usage(self, budget: Budget, limit: int) -> Usage: ...
+
+    async def set_limit(self, budget: Budget, limit: int | None) -> None: ...
+
+    async def reset(self, budget: Budget) -> None: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,267 @@
+"""The in-process ledger: one process, the embedded default.
+
+Every operation runs without an ``await`` inside, so on one event loop it is atomic. The semantics
+are those of the Redis scripts, line for line; the shared test suite holds both to them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..keys import Budget
+from ._types import (
+    HeldBudget,
+    HoldRequest,
+    Rejection,
+    Renewed,
+    Reservation,
+    SettleOutcome,
+    Settled,
+    Settlement,
+    Usage,
+    Violation,
+    id_time_ms,
+)
+
+__all__ = ["MemoryLedger"]
+
+PURGE_BATCH = 64
+DAY_MS = 86_400_000
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class _State:
+    epoch: str
+    held: int = 0
+    holds: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (expiry, amount)
+    expiry_heap: list[tuple[int, str]] = field(default_factory=list)  # lazy: checked against holds
+    expired: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (purged at, amount)
+    done: dict[str, int] = field(default_factory=dict)  # recovered ids -> time
+    spent: dict[int, int] = field(default_factory=dict)  # window -> micro-units
+    touched_ms: int = 0
+
+
+class MemoryLedger:
+    """A ledger in this process's memory.
+
+    Limits are per process: several workers each enforce the whole limit, so N workers admit up to
+    N times the budget. Use the Redis ledger for more than one process.
+    """
+
+    def __init__(
+        self,
+        *,
+        horizon_ms: int = DAY_MS,
+        clock: Callable[[], int] = _wall_clock_ms,
+    ) -> None:
+        self.horizon_ms = horizon_ms
+        self._clock = clock
+        self._states: dict[tuple[str, str], _State] = {}
+        self._limits: dict[tuple[str, str], int] = {}
+        self._ops = 0
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _state(self, budget: Budget, now: int) -> _State:
+        key = (budget.rule, budget.entity)
+        st = self._states.get(key)
+        if st is None:
+            st = self._states[key] = _State(epoch=os.urandom(8).hex())
+        st.touched_ms = now
+        return st
+
+    def _purge(self, st: _State, now: int, expired_ids: list[str]) -> int:
+        heap = st.expiry_heap
+        purged = 0
+        while heap and heap[0][0] <= now and purged < PURGE_BATCH:
+            expiry, rid = heapq.heappop(heap)
+            entry = st.holds.get(rid)
+            if entry is None or entry[0] != expiry:
+                continue  # settled, or renewed (a newer heap entry exists)
+            del st.holds[rid]
+            st.held -= entry[1]
+            st.expired[rid] = (now, entry[1])
+            expired_ids.append(rid)
+            purged += 1
+        if purged:
+            cutoff = now - self.horizon_ms
+            for rid in [r for r, (t, _) in st.expired.items() if t <= cutoff]:
+                del st.expired[rid]
+        return purged
+
+    def _limit(self, budget: Budget, default: int) -> int:
+        return self._limits.get((budget.rule, budget.entity), default)
+
+    def _sweep(self, now: int) -> None:
+        """Forget budgets idle past the horizon, as Redis keys with TTLs would vanish."""
+        idle = now - self.horizon_ms
+        for key in [k for k, st in self._states.items() if st.touched_ms < idle and not st.holds]:
+            st = self._states[key]
+            # A lifetime budget's spend is its record; keep it, as the Redis spent hash has no TTL.
+            if 0 in st.spent:
+                st.expired.clear()
+                st.done.clear()
+                continue
+            del self._states[key]
+
+    def _tick(self, now: int) -> None:
+        self._ops += 1
+        if self._ops % 10_000 == 0:
+            self._sweep(now)
+
+    # -- the ledger ------------------------------------------------------------------------
+
+    async def reserve(
+        self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
+    ) -> Reservation | Rejection:
+        now = self._clock()
+        self._tick(now)
+        expired_ids: list[str] = []
+        purged = 0
+        states = [self._state(h.budget, now) for h in holds]
+        for st in states:
+            purged += self._purge(st, now, expired_ids)
+
+        replay = bool(states) and (
+            reservation_id in states[0].holds or reservation_id in states[0].expired
+        )
+        violations: list[Violation] = []
+        rows: list[tuple[int, int, int, int]] = []  # window, limit, spent, held
+        for h, st in zip(holds, states, strict=True):
+            window = h.budget.window_of(now)
+            limit = self._limit(h.budget, h.limit)
+            spent = st.spent.get(window, 0)
+            rows.append((window, limit, spent, st.held))
+            if replay:
+                continue
+            if limit - spent - st.held <= 0 or spent + st.held + h.amount > limit:
+                violations.append(
+                    Violation(
+                        h.budget, limit, spent, st.held, h.amount, h.budget.reset_ms(window), now
+                    )
+                )
+        if violations:
+            return Rejection(reservation_id, tuple(violations), purged, tuple(expired_ids))
+
+        held: list[HeldBudget] = []
+        expiry = now + lease_ms
+        for h, st, (window, limit, spent, before) in zip(holds, states, rows, strict=True):
+            after = before
+            if not replay:
+                st.holds[reservation_id] = (expiry, h.amount)
+                heapq.heappush(st.expiry_heap, (expiry, reservation_id))
+                st.held += h.amount
+                after = st.held
+            held.append(
+                HeldBudget(
+                    h.budget, h.amount, window, st.epoch, limit,
+                    limit - spent - after, h.budget.reset_ms(window),
+                )
+            )
+        return Reservation(
+            reservation_id, tuple(held), lease_ms, now, purged, tuple(expired_ids), replay
+        )
+
+    def _settle_one(self, s: Settlement, now: int) -> Settled:
+        outcomes: list[SettleOutcome] = []
+        old = id_time_ms(s.reservation_id) < now - self.horizon_ms
+        for hb in s.holds:
+            st = self._state(hb.budget, now)
+            rid = s.reservation_id
+            outcome: SettleOutcome
+            entry = st.holds.pop(rid, None)
+            if entry is not None:
+                st.held -= entry[1]
+                outcome = "applied"
+            elif st.expired.pop(rid, None) is not None:
+                outcome = "late"
+            elif hb.window < 0:
+                outcome = "duplicate"  # the release of a reserve that never landed: nothing held
+            elif st.epoch == hb.epoch:
+                outcome = "stale" if old else "duplicate"
+            elif rid in st.done:
+                outcome = "duplicate"
+            elif old:
+                outcome = "stale"
+            else:
+                outcome = "recovered"
+                st.done[rid] = now
+                cutoff = now - self.horizon_ms
+                for done_id in [d for d, t in st.done.items() if t <= cutoff]:
+                    del st.done[done_id]
+            if outcome in ("applied", "late", "recovered") and s.actual and hb.window >= 0:
+                st.spent[hb.window] = st.spent.get(hb.window, 0) + s.actual
+                self._tidy_windows(st, hb.budget, hb.window, now)
+            outcomes.append(outcome)
+        return Settled(s.reservation_id, tuple(outcomes))
+
+    @staticmethod
+    def _tidy_windows(st: _State, budget: Budget, written: int, now: int) -> None:
+        period = budget.period_ms
+        if period and len(st.spent) > 2:
+            for w in [w for w in st.spent if w != written and w + 2 * period < now]:
+                del st.spent[w]
+
+    async def settle(self, settlement: Settlement) -> Settled:
+        return self._settle_one(settlement, self._clock())
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> list[Settled]:
+        now = self._clock()
+        return [self._settle_one(s, now) for s in settlements]
+
+    async def extend(self, reservations: Sequence[Reservation], lease_ms: int) -> Renewed:
+        now = self._clock()
+        renewed = reheld = missing = 0
+        expiry = now + lease_ms
+        for r in reservations:
+            for hb in r.holds:
+                st = self._state(hb.budget, now)
+                entry = st.holds.get(r.id)
+                if entry is not None:
+                    st.holds[r.id] = (expiry, entry[1])
+                    heapq.heappush(st.expiry_heap, (expiry, r.id))
+                    renewed += 1
+                elif (tomb := st.expired.pop(r.id, None)) is not None:
+                    st.holds[r.id] = (expiry, tomb[1])
+                    heapq.heappush(st.expiry_heap, (expiry, r.id))
+                    st.held += tomb[1]
+                    reheld += 1
+                else:
+                    missing += 1
+        return Renewed(renewed, reheld, missing)
+
+    async def usage(self, budget: Budget, limit: int) -> Usage:
+        now = self._clock()
+        st = self._states.get((budget.rule, budget.entity))
+        window = budget.window_of(now)
+        limit = self._limit(budget, limit)
+        if st is None:
+            return Usage(budget, limit, 0, 0, 0, window, budget.reset_ms(window), now)
+        purged = self._purge(st, now, [])
+        return Usage(
+            budget, limit, st.spent.get(window, 0), st.held, len(st.holds), window,
+            budget.reset_ms(window), now, purged,
+        )
+
+    async def set_limit(self, budget: Budget, limit: int | None) -> None:
+        key = (budget.rule, budget.entity)
+        if limit is None:
+            self._limits.pop(key, None)
+        else:
+            self._limits[key] = limit
+
+    async def reset(self, budget: Budget) -> None:
+        st = self._states.get((budget.rule, budget.entity))
+        if st is not None:
+            st.spent.pop(budget.window_of(self._clock()), None)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,330 @@
+"""The Redis ledger: one Lua script per operation, every key of a budget in one hash slot.
+
+Scripts are package data (``lua/*.lua``), prefixed with ``lua/_common.lua``, called by EVALSHA and
+loaded again on NOSCRIPT (after a restart or failover). Time comes from Redis ``TIME`` inside the
+scripts, so replicas with skewed clocks agree on windows and leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+
+from ..keys import Budget, KeyLayout
+from ._types import (
+    HeldBudget,
+    HoldRequest,
+    LedgerError,
+    LedgerUnavailable,
+    Rejection,
+    Renewed,
+    Reservation,
+    SettleOutcome,
+    Settled,
+    Settlement,
+    Usage,
+    Violation,
+    id_time_ms,
+)
+
+__all__ = ["RedisLedger", "redact_url"]
+
+logger = logging.getLogger("budget_middleware")
+
+DAY_MS = 86_400_000
+_OUTCOMES: frozenset[str] = frozenset({"applied", "late", "recovered", "duplicate", "stale"})
+
+
+def redact_url(url: str) -> str:
+    """A Redis URL fit for a log line: the password (and a user name) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    return f"{scheme}://***@{host}"
+
+
+class _Script:
+    __slots__ = ("name", "sha", "source")
+
+    def __init__(self, name: str, prelude: str) -> None:
+        body = resources.files(__package__).joinpath(f"lua/{name}.lua").read_text("utf-8")
+        self.name = name
+        self.source = prelude + "\n" + body
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+
+def _load_scripts() -> dict[str, _Script]:
+    prelude = resources.files(__package__).joinpath("lua/_common.lua").read_text("utf-8")
+    return {n: _Script(n, prelude) for n in ("reserve", "settle", "extend", "usage", "reset")}
+
+
+def _wrap(exc: BaseException) -> LedgerError:
+    if isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError)):
+        return LedgerUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}")
+    return LedgerError(f"redis error: {type(exc).__name__}: {exc}")
+
+
+class RedisLedger:
+    """A ledger in Redis (standalone or Sentinel; ``cluster=True`` groups budgets by slot).
+
+    Pass a ``url`` and the client is made per event loop, lazily (never shared across a fork or a
+    loop), or pass a ready ``client`` you own.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: aioredis.Redis | None = None,
+        prefix: str = "budget",
+        horizon_ms: int = DAY_MS,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+        socket_timeout: float | None = 5.0,
+    ) -> None:
+        if url is None and client is None:
+            raise ValueError("RedisLedger needs a url or a client")
+        self.url = url
+        self.layout = KeyLayout(prefix)
+        self.horizon_ms = horizon_ms
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self._socket_timeout = socket_timeout
+        self._own_client = client is None
+        self._client = client
+        self._client_key: tuple[int, int] | None = None if client is None else (os.getpid(), 0)
+        self._scripts = _load_scripts()
+        self._checked = False
+
+    def __repr__(self) -> str:
+        return f"RedisLedger({redact_url(self.url) if self.url else 'client'!r})"
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def client(self) -> aioredis.Redis:
+        """The client for this process and event loop."""
+        if not self._own_client:
+            assert self._client is not None
+            return self._client
+        key = (os.getpid(), id(asyncio.get_running_loop()))
+        if self._client is None or self._client_key != key:
+            assert self.url is not None
+            self._client = aioredis.Redis.from_url(
+                self.url,
+                decode_responses=True,
+                socket_timeout=self._socket_timeout,
+                socket_connect_timeout=self._socket_timeout,
+                health_check_interval=30,
+            )
+            self._client_key = key
+            self._checked = False
+        return self._client
+
+    async def check(self) -> None:
+        """Warn loudly when Redis may evict budget keys (``maxmemory-policy`` not ``noeviction``)."""
+        self._checked = True
+        try:
+            policy = await self.client().config_get("maxmemory-policy")
+        except rexc.RedisError as exc:
+            logger.warning(
+                "budget: could not read maxmemory-policy (%s); Redis must run with "
+                "maxmemory-policy noeviction or budgets can be evicted and reset", exc,
+            )
+            return
+        value = policy.get("maxmemory-policy")
+        if value != "noeviction":
+            logger.warning(
+                "budget: Redis maxmemory-policy is %r; run it with noeviction, otherwise under "
+                "memory pressure Redis may evict holds and spend and budgets reset silently", value,
+            )
+
+    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        script = self._scripts[name]
+        client = self.client()
+        if not self._checked:
+            await self.check()
+        try:
+            try:
+                return await client.evalsha(script.sha, len(keys), *keys, *args)
+            except rexc.NoScriptError:
+                await client.script_load(script.source)
+                return await client.evalsha(script.sha, len(keys), *keys, *args)
+        except rexc.RedisError as exc:
+            raise _wrap(exc) from exc
+        except OSError as exc:
+            raise _wrap(exc) from exc
+
+    async def _eval_many(self, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
+        """Many script calls in one pipelined round trip (EVALSHA directly: no SCRIPT EXISTS).
+
+        Every script is idempotent, so on NOSCRIPT the whole batch is loaded and sent again.
+        Returns one result or exception per call.
+        """
+        if not calls:
+            return []
+        client = self.client()
+        if not self._checked:
+            await self.check()
+        for attempt in (0, 1):
+            try:
+                pipe = client.pipeline(transaction=False)
+                for name, keys, args in calls:
+                    pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+                if self.wait_replicas:
+                    pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                results = await pipe.execute(raise_on_error=False)
+            except rexc.RedisError as exc:
+                raise _wrap(exc) from exc
+            except OSError as exc:
+                raise _wrap(exc) from exc
+            if self.wait_replicas:
+                acked = results.pop()
+                if isinstance(acked, int) and acked < self.wait_replicas:
+                    raise LedgerUnavailable(
+                        f"only {acked} of {self.wait_replicas} replicas acknowledged the batch"
+                    )
+            if attempt == 0 and any(isinstance(r, rexc.NoScriptError) for r in results):
+                for name in {c[0] for c in calls}:
+                    await client.script_load(self._scripts[name].source)
+                continue
+            return [_wrap(r) if isinstance(r, BaseException) else r for r in results]
+        raise AssertionError("unreachable")
+
+    def _keys(self, budget: Budget) -> list[str]:
+        return [*self.layout.state_keys(budget), f"{self.layout.base(budget)}:spent"]
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def _reserve_call(
+        self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
+    ) -> tuple[str, list[str], list[Any]]:
+        keys: list[str] = []
+        args: list[Any] = [reservation_id, lease_ms, self.horizon_ms, os.urandom(8).hex()]
+        for h in holds:
+            keys += self._keys(h.budget)
+            args += [h.budget.period_ms, h.limit, h.amount]
+        return "reserve", keys, args
+
+    def _reserve_result(
+        self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int, reply: Any
+    ) -> Reservation | Rejection:
+        status, now, purged, ids, *rows = reply
+        expired = tuple(ids)
+        if status == 0:
+            violations = tuple(
+                Violation(h.budget, int(limit), int(spent), int(held), h.amount,
+                          h.budget.reset_ms(int(window)), int(now))
+                for h, (window, limit, spent, held, ok) in zip(holds, rows, strict=True)
+                if not ok
+            )
+            return Rejection(reservation_id, violations, int(purged), expired)
+        held = tuple(
+            HeldBudget(h.budget, h.amount, int(window), str(epoch), int(limit), int(remaining),
+                       h.budget.reset_ms(int(window)))
+            for h, (window, epoch, limit, remaining) in zip(holds, rows, strict=True)
+        )
+        return Reservation(
+            reservation_id, held, lease_ms, int(now), int(purged), expired, status == 2
+        )
+
+    async def reserve(
+        self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
+    ) -> Reservation | Rejection:
+        if not holds:
+            raise ValueError("reserve needs at least one hold")
+        name, keys, args = self._reserve_call(reservation_id, holds, lease_ms)
+        reply = await self._eval(name, keys, args)
+        return self._reserve_result(reservation_id, holds, lease_ms, reply)
+
+    def _settle_call(self, s: Settlement) -> tuple[str, list[str], list[Any]]:
+        keys: list[str] = []
+        args: list[Any] = [s.reservation_id, s.actual, self.horizon_ms, id_time_ms(s.reservation_id)]
+        for hb in s.holds:
+            keys += self._keys(hb.budget)
+            args += [hb.amount, hb.window, hb.epoch, hb.budget.period_ms]
+        return "settle", keys, args
+
+    @staticmethod
+    def _settled(s: Settlement, reply: Any) -> Settled:
+        outcomes = tuple(str(o) for o in reply[1:])
+        if not all(o in _OUTCOMES for o in outcomes):
+            raise LedgerError(f"unexpected settle reply {reply!r}")
+        return Settled(s.reservation_id, outcomes)  # type: ignore[arg-type]
+
+    async def settle(self, settlement: Settlement) -> Settled:
+        (result,) = await self.settle_many([settlement])
+        return result
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> list[Settled]:
+        """Settle a batch in one round trip. Raises if any settle failed (all are idempotent)."""
+        calls = [self._settle_call(s) for s in settlements if s.holds]
+        replies = iter(await self._eval_many(calls))
+        out: list[Settled] = []
+        for s in settlements:
+            if not s.holds:
+                out.append(Settled(s.reservation_id, ()))
+                continue
+            reply = next(replies)
+            if isinstance(reply, BaseException):
+                raise reply
+            out.append(self._settled(s, reply))
+        return out
+
+    async def extend(self, reservations: Sequence[Reservation], lease_ms: int) -> Renewed:
+        calls: list[tuple[str, list[str], list[Any]]] = []
+        for r in reservations:
+            keys: list[str] = []
+            args: list[Any] = [r.id, lease_ms, self.horizon_ms]
+            for hb in r.holds:
+                keys += self._keys(hb.budget)
+                args.append(hb.amount)
+            if keys:
+                calls.append(("extend", keys, args))
+        renewed = reheld = missing = 0
+        for reply in await self._eval_many(calls):
+            if isinstance(reply, BaseException):
+                raise reply
+            renewed += int(reply[0])
+            reheld += int(reply[1])
+            missing += int(reply[2])
+        return Renewed(renewed, reheld, missing)
+
+    async def usage(self, budget: Budget, limit: int) -> Usage:
+        reply = await self._eval(
+            "usage", self._keys(budget), [budget.period_ms, limit, self.horizon_ms, 60_000]
+        )
+        now, window, eff_limit, spent, held, count, purged, _ids = reply
+        return Usage(
+            budget, int(eff_limit), int(spent), int(held), int(count), int(window),
+            budget.reset_ms(int(window)), int(now), int(purged),
+        )
+
+    async def set_limit(self, budget: Budget, limit: int | None) -> None:
+        key = self.layout.state_keys(budget)[4]
+        try:
+            if limit is None:
+                await self.client().delete(key)
+            else:
+                await self.client().set(key, limit)
+        except rexc.RedisError as exc:
+            raise _wrap(exc) from exc
+
+    async def reset(self, budget: Budget) -> None:
+        await self._eval("reset", self._keys(budget), [budget.period_ms])
+
+    async def aclose(self) -> None:
+        if self._own_client and self._client is not None:
+            client, self._client = self._client, None
+            try:
+                await client.aclose()
+            except (rexc.RedisError, OSError, RuntimeError):
+                pass
