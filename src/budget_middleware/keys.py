@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Budget", "EntityHasher", "KeyLayout", "validate_name"]
+__all__ = ["AmbiguousEntity", "Budget", "EntityHasher", "KeyLayout", "KeySource", "validate_name"]
 
 _RAW_ID = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -87,3 +89,112 @@ class KeyLayout:
 
     def spent(self, budget: Budget, window: int) -> str:
         return f"{self.base(budget)}:spent:{window}"
+
+
+# -- entity ids from requests ----------------------------------------------------------------
+
+# Headers that carry credentials: a rule keyed on them always stores a digest.
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-auth-token"}
+)
+SOURCE_KINDS = ("header", "query", "bearer", "client", "user", "const")
+
+
+class AmbiguousEntity(ValueError):
+    """An identity source given more than once with different values (a spoofing pattern)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeySource:
+    """Where a rule finds its entity id: ``header:<name>``, ``query:<name>``, ``bearer``,
+    ``client``, ``user`` or ``const:<id>``."""
+
+    kind: str
+    name: str = ""
+    secret: bool = False
+
+    @classmethod
+    def parse(cls, text: str, *, secret: bool = False) -> KeySource:
+        if not isinstance(text, str):
+            raise ValueError(f"key source must be a string, got {text!r}")
+        kind, _, name = text.partition(":")
+        kind = kind.strip().lower()
+        if kind not in SOURCE_KINDS:
+            raise ValueError(
+                f"unknown key source {text!r}: use header:<name>, query:<name>, bearer, client, "
+                "user or const:<id>"
+            )
+        if kind in ("header", "query", "const"):
+            if not name:
+                raise ValueError(f"key source {text!r} needs a name after the colon")
+            if kind == "header":
+                name = name.strip().lower()
+                if not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]{1,128}", name):
+                    raise ValueError(f"key source {text!r}: not a valid header name")
+                secret = secret or name in SECRET_HEADERS
+            elif kind == "query" and len(name) > 128:
+                raise ValueError(f"key source {text!r}: query parameter name too long")
+        elif name:
+            raise ValueError(f"key source {text!r} takes no name")
+        return cls(kind, name, secret or kind == "bearer")
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}" if self.name else self.kind
+
+    def extract(self, scope: MutableMapping[str, Any]) -> str | bytes | None:
+        """The raw id in this request, or None when it is absent or empty.
+
+        Raises ``AmbiguousEntity`` when a header or query parameter repeats with different values.
+        """
+        kind = self.kind
+        if kind == "header":
+            return _single(_header_values(scope, self.name.encode("latin-1")), self)
+        if kind == "bearer":
+            values = _header_values(scope, b"authorization")
+            auth = _single(values, self)
+            if auth is None:
+                return None
+            raw = auth.encode("latin-1", "surrogateescape") if isinstance(auth, str) else auth
+            scheme, _, token = raw.strip().partition(b" ")
+            if scheme.lower() != b"bearer" or not token.strip():
+                return None
+            return token.strip()
+        if kind == "query":
+            from urllib.parse import parse_qsl
+
+            qs = scope.get("query_string", b"")
+            pairs = parse_qsl(
+                qs.decode("latin-1") if isinstance(qs, bytes) else str(qs), keep_blank_values=True
+            )
+            return _single([v.encode("latin-1") for k, v in pairs if k == self.name], self)
+        if kind == "client":
+            client = scope.get("client")
+            if isinstance(client, (tuple, list)) and client and isinstance(client[0], str):
+                return client[0] or None
+            return None
+        if kind == "user":
+            user = scope.get("user")
+            if user is None or not getattr(user, "is_authenticated", False):
+                return None
+            identity = getattr(user, "identity", None)
+            return str(identity) if identity else None
+        return self.name  # const
+
+
+def _header_values(scope: MutableMapping[str, Any], name: bytes) -> list[bytes]:
+    headers = scope.get("headers") or ()
+    return [v for k, v in headers if k.lower() == name]
+
+
+def _single(values: list[bytes], source: KeySource) -> str | bytes | None:
+    """One value, decoded when it is plain ASCII; repeats must agree."""
+    values = [v.strip() for v in values]
+    values = [v for v in values if v]
+    if not values:
+        return None
+    if any(v != values[0] for v in values[1:]):
+        raise AmbiguousEntity(f"{source} was sent {len(values)} times with different values")
+    raw = values[0]
+    if raw.isascii():
+        return raw.decode("ascii")
+    return raw

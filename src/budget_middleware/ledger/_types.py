@@ -32,7 +32,11 @@ SettleOutcome = Literal["applied", "late", "recovered", "duplicate", "stale"]
 # When the holds of one reservation end in different outcomes, the reservation reports the one that
 # matters most to an operator: spend recovered from lost state first, a no-op last.
 _OUTCOME_RANK: dict[SettleOutcome, int] = {
-    "recovered": 0, "late": 1, "stale": 2, "applied": 3, "duplicate": 4,
+    "recovered": 0,
+    "late": 1,
+    "stale": 2,
+    "applied": 3,
+    "duplicate": 4,
 }
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

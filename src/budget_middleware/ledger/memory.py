@@ -19,9 +19,9 @@ from ._types import (
     Rejection,
     Renewed,
     Reservation,
-    SettleOutcome,
     Settled,
     Settlement,
+    SettleOutcome,
     Usage,
     Violation,
     id_time_ms,
@@ -144,9 +144,7 @@ class MemoryLedger:
                 continue
             if limit - spent - st.held <= 0 or spent + st.held + h.amount > limit:
                 violations.append(
-                    Violation(
-                        h.budget, limit, spent, st.held, h.amount, h.budget.reset_ms(window), now
-                    )
+                    Violation(h.budget, limit, spent, st.held, h.amount, h.budget.reset_ms(window), now)
                 )
         if violations:
             return Rejection(reservation_id, tuple(violations), purged, tuple(expired_ids))
@@ -162,8 +160,13 @@ class MemoryLedger:
                 after = st.held
             held.append(
                 HeldBudget(
-                    h.budget, h.amount, window, st.epoch, limit,
-                    limit - spent - after, h.budget.reset_ms(window),
+                    h.budget,
+                    h.amount,
+                    window,
+                    st.epoch,
+                    limit,
+                    limit - spent - after,
+                    h.budget.reset_ms(window),
                 )
             )
         return Reservation(
@@ -247,8 +250,15 @@ class MemoryLedger:
             return Usage(budget, limit, 0, 0, 0, window, budget.reset_ms(window), now)
         purged = self._purge(st, now, [])
         return Usage(
-            budget, limit, st.spent.get(window, 0), st.held, len(st.holds), window,
-            budget.reset_ms(window), now, purged,
+            budget,
+            limit,
+            st.spent.get(window, 0),
+            st.held,
+            len(st.holds),
+            window,
+            budget.reset_ms(window),
+            now,
+            purged,
         )
 
     async def set_limit(self, budget: Budget, limit: int | None) -> None:

@@ -27,7 +27,6 @@ from ._types import (
     Rejection,
     Renewed,
     Reservation,
-    SettleOutcome,
     Settled,
     Settlement,
     Usage,
@@ -48,7 +47,7 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return url
-    creds, _, host = rest.rpartition("@")
+    _creds, _, host = rest.rpartition("@")
     return f"{scheme}://***@{host}"
 
 
@@ -137,14 +136,16 @@ class RedisLedger:
         except rexc.RedisError as exc:
             logger.warning(
                 "budget: could not read maxmemory-policy (%s); Redis must run with "
-                "maxmemory-policy noeviction or budgets can be evicted and reset", exc,
+                "maxmemory-policy noeviction or budgets can be evicted and reset",
+                exc,
             )
             return
         value = policy.get("maxmemory-policy")
         if value != "noeviction":
             logger.warning(
                 "budget: Redis maxmemory-policy is %r; run it with noeviction, otherwise under "
-                "memory pressure Redis may evict holds and spend and budgets reset silently", value,
+                "memory pressure Redis may evict holds and spend and budgets reset silently",
+                value,
             )
 
     async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
@@ -221,20 +222,32 @@ class RedisLedger:
         expired = tuple(ids)
         if status == 0:
             violations = tuple(
-                Violation(h.budget, int(limit), int(spent), int(held), h.amount,
-                          h.budget.reset_ms(int(window)), int(now))
+                Violation(
+                    h.budget,
+                    int(limit),
+                    int(spent),
+                    int(held),
+                    h.amount,
+                    h.budget.reset_ms(int(window)),
+                    int(now),
+                )
                 for h, (window, limit, spent, held, ok) in zip(holds, rows, strict=True)
                 if not ok
             )
             return Rejection(reservation_id, violations, int(purged), expired)
         held = tuple(
-            HeldBudget(h.budget, h.amount, int(window), str(epoch), int(limit), int(remaining),
-                       h.budget.reset_ms(int(window)))
+            HeldBudget(
+                h.budget,
+                h.amount,
+                int(window),
+                str(epoch),
+                int(limit),
+                int(remaining),
+                h.budget.reset_ms(int(window)),
+            )
             for h, (window, epoch, limit, remaining) in zip(holds, rows, strict=True)
         )
-        return Reservation(
-            reservation_id, held, lease_ms, int(now), int(purged), expired, status == 2
-        )
+        return Reservation(reservation_id, held, lease_ms, int(now), int(purged), expired, status == 2)
 
     async def reserve(
         self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
@@ -247,7 +260,12 @@ class RedisLedger:
 
     def _settle_call(self, s: Settlement) -> tuple[str, list[str], list[Any]]:
         keys: list[str] = []
-        args: list[Any] = [s.reservation_id, s.actual, self.horizon_ms, id_time_ms(s.reservation_id)]
+        args: list[Any] = [
+            s.reservation_id,
+            s.actual,
+            self.horizon_ms,
+            id_time_ms(s.reservation_id),
+        ]
         for hb in s.holds:
             keys += self._keys(hb.budget)
             args += [hb.amount, hb.window, hb.epoch, hb.budget.period_ms]
@@ -304,8 +322,15 @@ class RedisLedger:
         )
         now, window, eff_limit, spent, held, count, purged, _ids = reply
         return Usage(
-            budget, int(eff_limit), int(spent), int(held), int(count), int(window),
-            budget.reset_ms(int(window)), int(now), int(purged),
+            budget,
+            int(eff_limit),
+            int(spent),
+            int(held),
+            int(count),
+            int(window),
+            budget.reset_ms(int(window)),
+            int(now),
+            int(purged),
         )
 
     async def set_limit(self, budget: Budget, limit: int | None) -> None:

@@ -1,0 +1,324 @@
+"""The background finalizer: applies settlements and lease renewals, in batches, with retries.
+
+The request path never awaits a settlement: it calls ``submit`` (synchronous, so no cancellation
+can interrupt it) and goes on. One worker task sends everything pending in one batch as soon as there
+is work, so batches grow by themselves under load and a quiet server settles at once. Failed batches
+are retried with capped backoff; settlements are idempotent, so a retry never double-charges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext, Status, StatusCode
+
+from .amounts import format_micros
+from .keys import EntityHasher
+from .ledger import Ledger, LedgerError, Reservation, Settled, Settlement
+from .telemetry import ATTR, SPAN_RENEW, SPAN_SETTLE, instruments, tracer
+
+__all__ = ["Finalizer"]
+
+logger = logging.getLogger("budget_middleware")
+
+
+class Finalizer:
+    """One per middleware: owned by the lifespan's task group, or started lazily on asyncio."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        lease_ms: int = 60_000,
+        timeout_ms: int = 2_000,
+        max_batch: int = 256,
+        retry_base_s: float = 0.05,
+        retry_cap_s: float = 5.0,
+        hasher: EntityHasher | None = None,
+        on_settled: Callable[[Settlement, Settled], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.lease_ms = lease_ms
+        self.timeout_s = timeout_ms / 1000
+        self.max_batch = max_batch
+        self.retry_base_s = retry_base_s
+        self.retry_cap_s = retry_cap_s
+        self._hasher = hasher or EntityHasher()
+        self._on_settled = on_settled
+        self._pending: deque[Settlement] = deque()
+        self._inflight: dict[str, tuple[Reservation, float]] = {}
+        self._wakeup: anyio.Event | None = None
+        self._idle: anyio.Event | None = None
+        self._busy = False
+        self._stopping = False
+        self._running = False
+        self._task: asyncio.Task[None] | None = None
+        self._task_loop: asyncio.AbstractEventLoop | None = None
+        # Counters for operators and tests.
+        self.applied = 0
+        self.retries = 0
+        self.lost = 0
+        self.outcomes: dict[str, int] = {}
+
+    # -- the request path's side: synchronous, never awaits ------------------------------------
+
+    def track(self, reservation: Reservation) -> None:
+        """Keep an admitted reservation's leases renewed while its request runs."""
+        self._inflight[reservation.id] = (
+            reservation,
+            time.monotonic() + reservation.lease_ms / 3000,
+        )
+
+    def submit(self, settlement: Settlement) -> None:
+        """Hand a settlement over. Synchronous: nothing here can be cancelled."""
+        self._inflight.pop(settlement.reservation_id, None)
+        self._pending.append(settlement)
+        instruments().queue.add(1)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending) + (1 if self._busy else 0)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def ensure_running(self) -> None:
+        """Start the worker on this asyncio loop if no lifespan started it (strong reference)."""
+        if self._running and not self._stopping:
+            return
+        loop = asyncio.get_running_loop()
+        if self._task is not None and not self._task.done() and self._task_loop is loop:
+            return
+        self._stopping = False
+        self._task_loop = loop
+        self._task = loop.create_task(self.run(), name="budget-finalizer")
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The worker loop; returns after ``stop`` once everything pending is applied."""
+        self._wakeup = anyio.Event()
+        self._idle = anyio.Event()
+        self._running = True
+        self._stopping = False
+        task_status.started()
+        failures = 0
+        try:
+            while True:
+                if not self._pending and not self._stopping:
+                    self._set_idle()
+                    with anyio.move_on_after(self._seconds_to_next_renewal()):
+                        await self._wakeup.wait()
+                    self._wakeup = anyio.Event()
+                if self._stopping and not self._pending:
+                    break
+                ok = await self._flush()
+                await self._renew_due()
+                if ok:
+                    failures = 0
+                    continue
+                failures += 1
+                delay = min(self.retry_cap_s, self.retry_base_s * 2 ** min(failures, 16))
+                await anyio.sleep(delay * (0.5 + random.random() / 2))
+        finally:
+            self._running = False
+            self._set_idle()
+
+    def _set_idle(self) -> None:
+        if self._idle is not None and not self._pending and not self._busy:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until nothing is pending (True), or the timeout passes (False)."""
+        with anyio.move_on_after(timeout_s):
+            while self._pending or self._busy:
+                if self._idle is None or self._idle.is_set():
+                    self._idle = anyio.Event()
+                if self._wakeup is not None:
+                    self._wakeup.set()
+                await self._idle.wait()
+            return True
+        return False
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop after applying everything pending, within ``timeout_s``; returns what was lost."""
+        self._stopping = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._running:
+            await self.wait_idle(timeout_s)
+        left = len(self._pending)
+        if left:
+            self.lost += left
+            instruments().lost.add(left)
+            total = sum(s.actual for s in self._pending)
+            logger.error(
+                "budget: shutdown drained with %d settlements unapplied (%s in actual cost); "
+                "their holds expire by lease, their spend is not recorded",
+                left,
+                format_micros(total),
+            )
+            self._pending.clear()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        return left
+
+    # -- the worker's side ---------------------------------------------------------------------
+
+    def _seconds_to_next_renewal(self) -> float:
+        if not self._inflight:
+            return float("inf")
+        soonest = min(due for _, due in self._inflight.values())
+        return max(0.0, soonest - time.monotonic())
+
+    async def _flush(self) -> bool:
+        if not self._pending:
+            return True
+        batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+        self._busy = True
+        started = time.time_ns()
+        t0 = time.perf_counter()
+        try:
+            with anyio.fail_after(self.timeout_s):
+                results = await self.ledger.settle_many(batch)
+        except (LedgerError, TimeoutError) as exc:
+            self._requeue(batch, exc)
+            return False
+        except Exception as exc:  # a bug, not an outage: isolate the settlement that causes it
+            logger.exception("budget: settle batch failed unexpectedly; retrying one by one")
+            return await self._settle_each(batch, exc)
+        finally:
+            self._busy = False
+        instruments().ledger_duration.record(time.perf_counter() - t0, {ATTR.OPERATION: "settle"})
+        instruments().queue.add(-len(batch))
+        for s, r in zip(batch, results, strict=True):
+            self._record(s, r, started)
+        return True
+
+    async def _settle_each(self, batch: list[Settlement], first: Exception) -> bool:
+        ok = True
+        for s in batch:
+            try:
+                with anyio.fail_after(self.timeout_s):
+                    (result,) = await self.ledger.settle_many([s])
+            except (LedgerError, TimeoutError) as exc:
+                self._requeue([s], exc)
+                ok = False
+                continue
+            except Exception:
+                logger.exception(
+                    "budget: settlement %s cannot be applied; counted as lost", s.reservation_id
+                )
+                self.lost += 1
+                instruments().lost.add(1)
+                instruments().queue.add(-1)
+                continue
+            instruments().queue.add(-1)
+            self._record(s, result, time.time_ns())
+        return ok
+
+    def _requeue(self, batch: list[Settlement], exc: BaseException) -> None:
+        self.retries += 1
+        for s in reversed(batch):
+            s.attempts += 1
+            self._pending.appendleft(s)
+        logger.warning(
+            "budget: settle batch of %d failed (%s); will retry", len(batch), exc or "timeout"
+        )
+
+    def _record(self, s: Settlement, result: Settled, started_ns: int) -> None:
+        outcome = result.outcome
+        self.applied += 1
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        inst = instruments()
+        inst.settlements.add(1, {ATTR.REASON: s.reason, ATTR.OUTCOME: outcome})
+        for hb, o in zip(s.holds, result.outcomes, strict=False):
+            if o in ("applied", "late", "recovered") and s.actual:
+                inst.spend.add(s.actual, {ATTR.RULE: hb.budget.rule})
+        links = []
+        if isinstance(s.context, SpanContext) and s.context.is_valid:
+            links.append(Link(s.context))
+        attrs: dict[str, Any] = {
+            ATTR.RESERVATION_ID: s.reservation_id,
+            ATTR.REASON: s.reason,
+            ATTR.ESTIMATE: s.estimate,
+            ATTR.ACTUAL: s.actual,
+            ATTR.RELEASED: max(0, s.estimate - s.actual),
+            ATTR.OUTCOME: outcome,
+            ATTR.LATE: outcome == "late",
+            ATTR.RETRIES: s.attempts,
+            ATTR.RULES: [hb.budget.rule for hb in s.holds],
+            ATTR.ENTITIES: [self._hasher.for_span(hb.budget.entity) for hb in s.holds],
+        }
+        if s.trace_id:
+            attrs[ATTR.TRACE_ID] = s.trace_id
+        if s.actual > s.estimate:
+            attrs[ATTR.OVERRUN] = s.actual - s.estimate
+        span = tracer.start_span(
+            SPAN_SETTLE, context=_ROOT, links=links, attributes=attrs, start_time=started_ns
+        )
+        span.end()
+        if outcome in ("recovered", "stale"):
+            logger.warning(
+                "budget: settlement %s was %s (reason %s, actual %s)",
+                s.reservation_id,
+                outcome,
+                s.reason,
+                format_micros(s.actual),
+            )
+        if self._on_settled is not None:
+            try:
+                self._on_settled(s, result)
+            except Exception:
+                logger.exception("budget: on_settled hook failed")
+
+    async def _renew_due(self) -> None:
+        if not self._inflight:
+            return
+        now = time.monotonic()
+        due = [r for r, at in self._inflight.values() if at <= now]
+        if not due:
+            return
+        t0 = time.perf_counter()
+        with tracer.start_as_current_span(SPAN_RENEW, context=_ROOT) as span:
+            span.set_attribute(ATTR.COUNT, len(due))
+            try:
+                with anyio.fail_after(self.timeout_s):
+                    renewed = await self.ledger.extend(due, self.lease_ms)
+            except (LedgerError, TimeoutError) as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc) or "timeout"))
+                logger.warning("budget: lease renewal of %d failed (%s)", len(due), exc)
+                return
+            span.set_attribute(ATTR.RENEWED, renewed.renewed)
+            span.set_attribute(ATTR.REHELD, renewed.reheld)
+            span.set_attribute(ATTR.MISSING, renewed.missing)
+        instruments().ledger_duration.record(time.perf_counter() - t0, {ATTR.OPERATION: "extend"})
+        next_at = time.monotonic() + self.lease_ms / 3000
+        for r in due:
+            if r.id in self._inflight:
+                self._inflight[r.id] = (r, next_at)
+
+    def untrack_many(self, ids: Sequence[str]) -> None:
+        for rid in ids:
+            self._inflight.pop(rid, None)
+
+
+# Settle and renew spans start their own traces: the request's span ended long ago. The link to the
+# reserve span (and the request's trace id attribute) ties them back.
+_ROOT = trace.set_span_in_context(trace.INVALID_SPAN)

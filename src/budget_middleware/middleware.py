@@ -1,0 +1,597 @@
+"""``BudgetMiddleware``: pure ASGI; reserve on entry, settle exactly once on every exit path.
+
+The request's life (DESIGN.md section 6): resolve the entity of each rule, estimate, reserve all rules
+at once; on rejection answer 429 without calling the app; otherwise call the app with a ``receive``
+that sees ``http.disconnect`` and a ``send`` that adds RateLimit headers and sees the final body; and
+in ``finally``, whatever happened, hand one settlement to the finalizer without awaiting.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import multiprocessing
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal
+from typing import Any
+
+import anyio
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+from starlette.requests import HTTPConnection, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .amounts import Amount, format_micros, to_decimal, to_micros
+from .config import BudgetConfig, Rule
+from .costs import EstimateError, Estimator, estimate_micros
+from .finalizer import Finalizer
+from .keys import AmbiguousEntity, Budget, EntityHasher
+from .ledger import (
+    HeldBudget,
+    HoldRequest,
+    Ledger,
+    LedgerError,
+    MemoryLedger,
+    RedisLedger,
+    Reservation,
+    Settlement,
+    new_reservation_id,
+)
+from .responses import (
+    admitted_headers,
+    send_missing_entity,
+    send_problem,
+    send_rejection,
+    send_unavailable,
+)
+from .telemetry import ATTR, EVENT_HOLD_EXPIRED, EVENT_OVERRUN, SPAN_RESERVE, instruments, tracer
+
+__all__ = ["BudgetMiddleware", "RequestBudget", "get_reservation"]
+
+logger = logging.getLogger("budget_middleware")
+
+Identify = Callable[[Request], "Awaitable[Mapping[str, str | None]] | Mapping[str, str | None]"]
+_ANONYMOUS = "anonymous"  # outside the r:/h: namespaces, so no client id can collide with it
+
+
+class RequestBudget:
+    """The budget handle of one request: ``get_reservation(request).charge(amount)``.
+
+    Exists on every HTTP request that passes the middleware; ``metered`` says whether a reservation
+    backs it (excluded paths, requests no rule applies to, and fail-open bypasses are unmetered).
+    """
+
+    __slots__ = (
+        "_charged",
+        "_closed",
+        "_estimate",
+        "_reported",
+        "metered",
+        "reason",
+        "reservation_id",
+        "rules",
+    )
+
+    def __init__(
+        self,
+        *,
+        metered: bool,
+        reason: str = "",
+        reservation_id: str | None = None,
+        rules: tuple[str, ...] = (),
+        estimate: int = 0,
+    ) -> None:
+        self.metered = metered
+        self.reason = reason
+        self.reservation_id = reservation_id
+        self.rules = rules
+        self._estimate = estimate
+        self._charged = 0
+        self._reported = False
+        self._closed = False
+
+    def charge(self, amount: Amount) -> None:
+        """Report actual cost; may be called many times (per streamed chunk, say), it adds up.
+
+        Any call, even ``charge(0)``, makes the reported total the actual cost of the request.
+        Raises ``ValueError`` for a negative, NaN, infinite or malformed amount (nothing is charged)
+        and ``RuntimeError`` after the request's settlement was handed over.
+        """
+        micros = to_micros(amount, what="charge")
+        if self._closed:
+            raise RuntimeError(
+                f"budget of request {self.reservation_id} was already settled; charge the "
+                "request before its response ends"
+            )
+        self._charged += micros
+        self._reported = True
+
+    @property
+    def estimate(self) -> Decimal:
+        return to_decimal(self._estimate)
+
+    @property
+    def charged(self) -> Decimal:
+        return to_decimal(self._charged)
+
+    @property
+    def reported(self) -> bool:
+        return self._reported
+
+    def __repr__(self) -> str:
+        if not self.metered:
+            return f"RequestBudget(metered=False, reason={self.reason!r})"
+        return (
+            f"RequestBudget(id={self.reservation_id}, rules={list(self.rules)}, "
+            f"estimate={format_micros(self._estimate)}, charged={format_micros(self._charged)})"
+        )
+
+
+def get_reservation(request: HTTPConnection) -> RequestBudget:
+    """The budget handle of ``request`` (also at ``request.state.budget``)."""
+    handle = request.scope.get("state", {}).get("budget")
+    if not isinstance(handle, RequestBudget):
+        raise RuntimeError("no budget on this request: is BudgetMiddleware installed?")
+    return handle
+
+
+def make_ledger(config: BudgetConfig) -> Ledger:
+    if config.redis_url:
+        return RedisLedger(
+            config.redis_url,
+            prefix=config.prefix,
+            horizon_ms=config.horizon_ms,
+            wait_replicas=config.wait_replicas,
+        )
+    return MemoryLedger(horizon_ms=config.horizon_ms)
+
+
+def _several_workers() -> bool:
+    try:
+        if int(os.environ.get("WEB_CONCURRENCY", "1")) > 1:
+            return True
+    except ValueError:
+        pass
+    return multiprocessing.parent_process() is not None or "gunicorn" in os.environ.get(
+        "SERVER_SOFTWARE", ""
+    )
+
+
+class BudgetMiddleware:
+    """Hard spend budgets for an ASGI app. See the README for configuration.
+
+    ``app.add_middleware(BudgetMiddleware)`` reads ``BUDGET_*`` from the environment; or pass a
+    ``config``, a ``ledger``, an ``estimate`` callable and an ``identify`` callable (returning
+    ``{rule name: entity id}`` after authentication) explicitly.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        config: BudgetConfig | None = None,
+        *,
+        ledger: Ledger | None = None,
+        estimate: Estimator | None = None,
+        identify: Identify | None = None,
+        finalizer: Finalizer | None = None,
+    ) -> None:
+        self.app = app
+        self.config = config if config is not None else BudgetConfig.from_env()
+        self.ledger = ledger if ledger is not None else make_ledger(self.config)
+        self.hasher = EntityHasher(self.config.secret)
+        self.finalizer = finalizer or Finalizer(
+            self.ledger,
+            lease_ms=self.config.lease_ms,
+            timeout_ms=self.config.timeout_ms,
+            hasher=self.hasher,
+        )
+        self._estimator = estimate
+        self._identify = identify
+        self._rules = self.config.rules
+        self._needs_request = (
+            estimate is not None or identify is not None or any(r.source is None for r in self._rules)
+        )
+        self._charge_header = self.config.charge_header.encode()
+        self._exclude = tuple(p.rstrip("/") for p in self.config.exclude)
+        self._timeout_s = self.config.timeout_ms / 1000
+        self._warned_workers = False
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:  # websockets and anything else pass through unmetered
+            await self.app(scope, receive, send)
+
+    def _excluded(self, scope: Scope) -> bool:
+        if not self._exclude:
+            return False
+        path: str = scope.get("path", "")
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        return any(path == p or path.startswith(p + "/") or not p for p in self._exclude)
+
+    # -- lifespan: the finalizer lives in a task group around the app's lifespan ----------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+        drained = False
+        finalizer = self.finalizer
+        drain_s = self.config.drain_timeout_ms / 1000
+
+        async with anyio.create_task_group() as tg:
+
+            async def receive_managing_finalizer() -> Message:
+                nonlocal started, drained
+                message = await receive()
+                if message["type"] == "lifespan.startup" and not started:
+                    await tg.start(finalizer.run)
+                    started = True
+                    self._log_startup()
+                elif message["type"] == "lifespan.shutdown" and started and not drained:
+                    drained = True
+                    await finalizer.drain(drain_s)
+                return message
+
+            try:
+                await self.app(scope, receive_managing_finalizer, send)
+            finally:
+                if started and not drained:
+                    with anyio.CancelScope(shield=True):
+                        await finalizer.drain(drain_s)
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    await self.ledger.aclose()
+                tg.cancel_scope.cancel()
+
+    def _log_startup(self) -> None:
+        logger.info("budget: %s", self.config.describe())
+        if isinstance(self.ledger, MemoryLedger) and _several_workers():
+            logger.warning(
+                "budget: the memory ledger is per process and several workers seem to run here; "
+                "each enforces the whole limit, so N workers admit up to N times each budget. "
+                "Set BUDGET_REDIS_URL to share budgets."
+            )
+
+    # -- http -----------------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state: dict[str, Any] = scope.setdefault("state", {})
+        if not self._rules or self._excluded(scope):
+            state["budget"] = RequestBudget(metered=False, reason="excluded")
+            await self.app(scope, receive, send)
+            return
+        if not self.finalizer.running:
+            self.finalizer.ensure_running()
+        config = self.config
+        fmt = config.error_format
+        request = Request(scope, receive) if self._needs_request else None
+
+        # 1. Who is charged, under which rule.
+        try:
+            wanted = await self._resolve(scope, request)
+        except AmbiguousEntity as exc:
+            await send_problem(
+                send,
+                400,
+                "Ambiguous budget identity",
+                str(exc),
+                error_format=fmt,
+                code="budget_identity_ambiguous",
+            )
+            return
+        except _Missing as missing:
+            await send_missing_entity(
+                send, missing.rule.name, missing.rule.describe_source(), error_format=fmt
+            )
+            return
+        except Exception as exc:
+            logger.exception("budget: identify failed")
+            await self._refuse_or_bypass(scope, receive, send, state, f"identify failed: {exc}")
+            return
+        if not wanted:
+            state["budget"] = RequestBudget(metered=False, reason="no rule applies")
+            await self.app(scope, receive, send)
+            return
+
+        # 2. How much to hold.
+        try:
+            estimate = await estimate_micros(
+                self._estimator,
+                request or Request(scope, receive),
+                config.estimate,
+                config.max_hold,
+            )
+        except EstimateError as exc:
+            logger.error("budget: %s", exc)
+            with tracer.start_as_current_span(SPAN_RESERVE) as span:
+                span.set_attribute(ATTR.OUTCOME, "error")
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+            if config.fail_mode == "open":
+                state["budget"] = RequestBudget(metered=False, reason="estimate failed")
+                await self.app(scope, receive, send)
+                return
+            await send_problem(
+                send,
+                500,
+                "Budget estimate failed",
+                "the request's cost could not be estimated",
+                error_format=fmt,
+                code="budget_estimate_failed",
+            )
+            return
+
+        # 3. Reserve every rule at once.
+        rid = new_reservation_id()
+        requests = [HoldRequest(budget, rule.limit_micros, estimate) for rule, budget in wanted]
+        result = await self._reserve(rid, requests, estimate)
+        if result is None:  # the ledger did not answer
+            if config.fail_mode == "open":
+                instruments().reservations.add(1, {ATTR.OUTCOME: "bypassed"})
+                state["budget"] = RequestBudget(metered=False, reason="ledger unavailable")
+                await self.app(scope, receive, send)
+            else:
+                await send_unavailable(send, "the budget ledger is unavailable", error_format=fmt)
+            return
+        reservation, span_context = result
+        if not isinstance(reservation, Reservation):
+            state["budget"] = RequestBudget(metered=False, reason="rejected")
+            await send_rejection(
+                send,
+                reservation.violations,
+                unit=config.unit,
+                error_format=fmt,
+                hold_retry_after_s=config.hold_retry_after_s,
+            )
+            return
+
+        # 4. Run the app, watching what it sends and whether the client leaves.
+        self.finalizer.track(reservation)
+        handle = RequestBudget(
+            metered=True,
+            reservation_id=rid,
+            rules=tuple(r.name for r, _ in wanted),
+            estimate=estimate,
+        )
+        state["budget"] = handle
+        extra_headers = admitted_headers(reservation.holds, reservation.now_ms)
+        charge_header = self._charge_header
+        header_charges: list[int] = []
+        status = 0
+        final_sent = False
+        expect_trailers = False
+        disconnected = False
+
+        def read_charge(value: bytes, where: str) -> None:
+            try:
+                header_charges.append(to_micros(value.decode("latin-1"), what=where))
+            except ValueError as exc:
+                logger.warning("budget: ignoring bad %s on %s: %s", where, rid, exc)
+
+        async def receive_watching_disconnect() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect" and not final_sent:
+                disconnected = True
+            return message
+
+        async def send_with_budget_headers(message: Message) -> None:
+            nonlocal status, final_sent, expect_trailers, disconnected
+            kind = message["type"]
+            final = False
+            if kind == "http.response.start":
+                status = message["status"]
+                expect_trailers = bool(message.get("trailers", False))
+                headers = []
+                for name, value in message.get("headers", ()):
+                    if name.lower() == charge_header:
+                        read_charge(value, f"{charge_header.decode()} header")
+                    else:
+                        headers.append((name, value))
+                headers.extend(extra_headers)
+                message = {**message, "headers": headers}
+            elif kind == "http.response.body":
+                final = not message.get("more_body", False) and not expect_trailers
+            elif kind == "http.response.trailers":
+                trailers = []
+                for name, value in message.get("headers", ()):
+                    if name.lower() == charge_header:
+                        read_charge(value, f"{charge_header.decode()} trailer")
+                    else:
+                        trailers.append((name, value))
+                message = {**message, "headers": trailers}
+                final = not message.get("more_trailers", False)
+            elif kind == "http.response.pathsend":
+                final = True
+            try:
+                await send(message)
+            except OSError:
+                if not final_sent:
+                    disconnected = True
+                raise
+            if final and not disconnected:
+                final_sent = True
+
+        failure = ""
+        try:
+            await self.app(scope, receive_watching_disconnect, send_with_budget_headers)
+        except Exception:
+            failure = "error"
+            raise
+        except BaseException:
+            failure = "cancelled"
+            raise
+        finally:
+            if final_sent:
+                reason = "completed"
+            elif disconnected:
+                reason = "disconnected"
+            else:
+                reason = failure or "error"  # returned without finishing its response
+            self._submit(reservation, handle, header_charges, status, reason, span_context)
+
+    async def _resolve(self, scope: Scope, request: Request | None) -> list[tuple[Rule, Budget]]:
+        overrides: Mapping[str, str | None] = {}
+        if self._identify is not None:
+            assert request is not None
+            found = self._identify(request)
+            overrides = await found if inspect.isawaitable(found) else found
+        wanted: list[tuple[Rule, Budget]] = []
+        for rule in self._rules:
+            secret = rule.secret
+            raw: str | bytes | None
+            if rule.name in overrides:
+                raw = overrides[rule.name]
+            elif rule.source is not None:
+                raw = rule.source.extract(scope)
+                secret = rule.source.secret
+            else:
+                assert request is not None
+                assert callable(rule.key)
+                got = rule.key(request)
+                raw = await got if inspect.isawaitable(got) else got
+            if raw is None or raw == "":
+                if rule.on_missing == "skip":
+                    continue
+                if rule.on_missing == "reject":
+                    raise _Missing(rule)
+                token = _ANONYMOUS
+            else:
+                token = self.hasher.token(raw, secret=secret)
+            wanted.append((rule, Budget(rule.name, token, rule.period_ms)))
+        return wanted
+
+    async def _reserve(
+        self, rid: str, requests: list[HoldRequest], estimate: int
+    ) -> tuple[Any, trace.SpanContext] | None:
+        """Reserve with a timeout, inside a ``budget.reserve`` span; None if the ledger failed."""
+        inst = instruments()
+        with tracer.start_as_current_span(
+            SPAN_RESERVE, record_exception=False, set_status_on_exception=False
+        ) as span:
+            span_context = span.get_span_context()
+            recording = span.is_recording()
+            if recording:
+                span.set_attributes(
+                    {
+                        ATTR.RESERVATION_ID: rid,
+                        ATTR.RULES: [r.budget.rule for r in requests],
+                        ATTR.ENTITIES: [self._span_entity(r.budget.entity) for r in requests],
+                        ATTR.ESTIMATE: estimate,
+                        ATTR.UNIT: self.config.unit,
+                    }
+                )
+            try:
+                with anyio.fail_after(self._timeout_s):
+                    result = await self.ledger.reserve(rid, requests, self.config.lease_ms)
+            except (LedgerError, TimeoutError, OSError) as exc:
+                # The reserve may have run on the server: release whatever it may have held.
+                self._release_unknown(rid, requests, "unavailable")
+                span.set_attribute(ATTR.OUTCOME, "unavailable")
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                inst.reservations.add(1, {ATTR.OUTCOME: "unavailable"})
+                logger.warning("budget: reserve failed (%s: %s)", type(exc).__name__, exc)
+                return None
+            except BaseException:
+                self._release_unknown(rid, requests, "cancelled")
+                span.set_attribute(ATTR.OUTCOME, "cancelled")
+                raise
+            if result.expired_ids:
+                inst.holds_expired.add(len(result.expired_ids))
+                for expired in result.expired_ids:
+                    span.add_event(EVENT_HOLD_EXPIRED, {ATTR.RESERVATION_ID: expired})
+            outcome = "admitted" if result.admitted else "rejected"
+            inst.reservations.add(1, {ATTR.OUTCOME: outcome})
+            if recording:
+                span.set_attribute(ATTR.OUTCOME, outcome)
+                span.set_attribute(ATTR.PURGED, result.purged)
+                if isinstance(result, Reservation):
+                    span.set_attribute(ATTR.LIMITS, [h.limit for h in result.holds])
+                    span.set_attribute(ATTR.REMAINING, [h.remaining for h in result.holds])
+                else:
+                    span.set_attribute(ATTR.VIOLATED, [v.budget.rule for v in result.violations])
+                    span.set_attribute(ATTR.LIMITS, [v.limit for v in result.violations])
+                    span.set_attribute(ATTR.REMAINING, [v.remaining for v in result.violations])
+            return result, span_context
+
+    def _span_entity(self, token: str) -> str:
+        return token if self.config.span_raw_ids else self.hasher.for_span(token)
+
+    def _release_unknown(self, rid: str, requests: list[HoldRequest], reason: str) -> None:
+        holds = tuple(HeldBudget(r.budget, r.amount, -1, "", r.limit, 0, None) for r in requests)
+        estimate = requests[0].amount if requests else 0
+        self.finalizer.submit(Settlement(rid, holds, 0, f"release-{reason}", estimate))
+
+    def _submit(
+        self,
+        reservation: Reservation,
+        handle: RequestBudget,
+        header_charges: list[int],
+        status: int,
+        reason: str,
+        span_context: trace.SpanContext,
+    ) -> None:
+        """Decide the actual cost and hand the settlement over. Synchronous: cannot be cancelled."""
+        estimate = handle._estimate
+        if handle._reported or header_charges:
+            actual = handle._charged + sum(header_charges)
+        elif status >= 400:
+            actual = 0
+        else:
+            config = self.config
+            choice = {
+                "completed": "estimate",
+                "disconnected": config.charge_on_disconnect,
+                "cancelled": config.charge_on_cancel,
+                "error": config.charge_on_error,
+            }[reason]
+            actual = estimate if choice == "estimate" else 0
+        handle._closed = True
+        if actual > estimate:
+            logger.info(
+                "budget: %s overran its estimate (%s > %s); charged in full",
+                reservation.id,
+                format_micros(actual),
+                format_micros(estimate),
+            )
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.add_event(EVENT_OVERRUN, {ATTR.RESERVATION_ID: reservation.id})
+        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
+        self.finalizer.submit(
+            Settlement(
+                reservation.id,
+                reservation.holds,
+                actual,
+                reason,
+                estimate,
+                context=span_context,
+                trace_id=trace_id,
+            )
+        )
+
+    async def _refuse_or_bypass(
+        self, scope: Scope, receive: Receive, send: Send, state: dict[str, Any], why: str
+    ) -> None:
+        if self.config.fail_mode == "open":
+            state["budget"] = RequestBudget(metered=False, reason=why)
+            await self.app(scope, receive, send)
+            return
+        await send_problem(
+            send,
+            500,
+            "Budget identity lookup failed",
+            "the request's budget identity could not be resolved",
+            error_format=self.config.error_format,
+            code="budget_identify_failed",
+        )
+
+
+class _Missing(Exception):
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule

@@ -1,0 +1,197 @@
+"""429/503/401 responses and the IETF ``RateLimit``/``RateLimit-Policy`` headers.
+
+Header syntax follows draft-ietf-httpapi-ratelimit-headers: ``RateLimit-Policy: "<rule>";q=<limit>;
+w=<window seconds>`` and ``RateLimit: "<rule>";r=<remaining>;t=<seconds to reset>``, quantities in
+integer micro-units. Problem bodies are RFC 9457 ``application/problem+json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.types import Send
+
+from .amounts import format_micros
+from .ledger import HeldBudget, Violation
+
+__all__ = ["rate_limit_headers", "send_missing_entity", "send_rejection", "send_unavailable"]
+
+QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+REDUCED_CAPACITY = "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity"
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def _seconds(ms: int) -> int:
+    return max(0, math.ceil(ms / 1000))
+
+
+def rate_limit_headers(
+    items: Sequence[tuple[str, int, int, int, int | None, int]],
+) -> Headers:
+    """``items``: (rule, limit, remaining, period_ms, reset_ms, now_ms) per budget."""
+    policies: list[str] = []
+    limits: list[str] = []
+    for rule, limit, remaining, period_ms, reset_ms, now_ms in items:
+        policy = f'"{rule}";q={limit}'
+        if period_ms:
+            policy += f";w={_seconds(period_ms)}"
+        policies.append(policy)
+        state = f'"{rule}";r={max(0, remaining)}'
+        if reset_ms is not None:
+            state += f";t={_seconds(reset_ms - now_ms)}"
+        limits.append(state)
+    return [
+        (b"ratelimit-policy", ", ".join(policies).encode()),
+        (b"ratelimit", ", ".join(limits).encode()),
+    ]
+
+
+def admitted_headers(holds: Sequence[HeldBudget], now_ms: int) -> Headers:
+    return rate_limit_headers(
+        [(h.budget.rule, h.limit, h.remaining, h.budget.period_ms, h.reset_ms, now_ms) for h in holds]
+    )
+
+
+def retry_after(violations: Sequence[Violation], hold_retry_after_s: int) -> int | None:
+    """Seconds a client should wait, or None when waiting cannot help (a spent lifetime budget).
+
+    Spent alone blocks: the time to the window's reset. Only live holds block: a short interval.
+    """
+    spend_blocked = [v for v in violations if v.blocked_by_spend]
+    if not spend_blocked:
+        return hold_retry_after_s
+    resets = [v.reset_after for v in spend_blocked]
+    if any(r is None for r in resets):
+        return None
+    return max(1, math.ceil(max(r for r in resets if r is not None)))
+
+
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], content_type: bytes, headers: Headers
+) -> None:
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(payload)).encode()),
+                (b"cache-control", b"no-store"),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+async def send_rejection(
+    send: Send,
+    violations: Sequence[Violation],
+    *,
+    unit: str,
+    error_format: str,
+    hold_retry_after_s: int,
+) -> None:
+    wait = retry_after(violations, hold_retry_after_s)
+    waiting_helps = all(not v.blocked_by_spend for v in violations)
+    headers = rate_limit_headers(
+        [
+            (v.budget.rule, v.limit, v.remaining, v.budget.period_ms, v.reset_ms, v.now_ms)
+            for v in violations
+        ]
+    )
+    if wait is not None:
+        headers.append((b"retry-after", str(wait).encode()))
+    details = "; ".join(
+        f"rule {v.budget.rule!r}: limit {format_micros(v.limit)} {unit}, "
+        f"remaining {format_micros(v.remaining)} {unit}"
+        + ("" if v.blocked_by_spend else " (in-flight requests hold the rest)")
+        for v in violations
+    )
+    if error_format == "openai":
+        headers.append((b"x-should-retry", b"true" if waiting_helps else b"false"))
+        body: dict[str, Any] = {
+            "error": {
+                "message": f"Budget exceeded: {details}.",
+                "type": "insufficient_quota",
+                "param": None,
+                "code": "budget_exceeded",
+            }
+        }
+        await _send_json(send, 429, body, b"application/json", headers)
+        return
+    body = {
+        "type": QUOTA_EXCEEDED,
+        "title": "Request cannot be satisfied as assigned quota has been exceeded",
+        "status": 429,
+        "detail": f"Budget exceeded: {details}.",
+        "violated-policies": [v.budget.rule for v in violations],
+        "budgets": [
+            {
+                "rule": v.budget.rule,
+                "limit": format_micros(v.limit),
+                "remaining": format_micros(v.remaining),
+                "unit": unit,
+                "resets_in": None if v.reset_after is None else math.ceil(v.reset_after),
+                "retry_helps": not v.blocked_by_spend,
+            }
+            for v in violations
+        ],
+    }
+    await _send_json(send, 429, body, b"application/problem+json", headers)
+
+
+async def send_unavailable(send: Send, detail: str, *, error_format: str) -> None:
+    headers: Headers = [(b"retry-after", b"1")]
+    if error_format == "openai":
+        body: dict[str, Any] = {
+            "error": {
+                "message": detail,
+                "type": "server_error",
+                "param": None,
+                "code": "budget_unavailable",
+            }
+        }
+        await _send_json(send, 503, body, b"application/json", headers)
+        return
+    body = {
+        "type": REDUCED_CAPACITY,
+        "title": "Budget service temporarily unavailable",
+        "status": 503,
+        "detail": detail,
+    }
+    await _send_json(send, 503, body, b"application/problem+json", headers)
+
+
+async def send_problem(
+    send: Send, status: int, title: str, detail: str, *, error_format: str, code: str
+) -> None:
+    if error_format == "openai":
+        body: dict[str, Any] = {
+            "error": {
+                "message": detail,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": code,
+            }
+        }
+        await _send_json(send, status, body, b"application/json", [])
+        return
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    await _send_json(send, status, body, b"application/problem+json", [])
+
+
+async def send_missing_entity(send: Send, rule: str, source: str, *, error_format: str) -> None:
+    await send_problem(
+        send,
+        401,
+        "Budget identity missing",
+        f"rule {rule!r} needs an entity id from {source}, and the request has none",
+        error_format=error_format,
+        code="budget_identity_missing",
+    )

@@ -1,0 +1,97 @@
+"""OpenTelemetry names and instruments (DESIGN.md section 8).
+
+The package depends on ``opentelemetry-api`` only: without an SDK every call below is a no-op.
+This module imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+from opentelemetry import metrics, trace
+
+__all__ = [
+    "ATTR",
+    "SPAN_RENEW",
+    "SPAN_RESERVE",
+    "SPAN_SETTLE",
+    "Instruments",
+    "instruments",
+    "tracer",
+]
+
+SPAN_RESERVE = "budget.reserve"
+SPAN_SETTLE = "budget.settle"
+SPAN_RENEW = "budget.renew"
+EVENT_HOLD_EXPIRED = "budget.hold_expired"
+EVENT_OVERRUN = "budget.overrun"
+
+
+class ATTR:
+    """Attribute keys: one set, in the ``budget.`` namespace."""
+
+    RULES = "budget.rules"
+    ENTITIES = "budget.entities"  # digests only, unless raw ids are enabled by the operator
+    RESERVATION_ID = "budget.reservation_id"
+    ESTIMATE = "budget.estimate"
+    ACTUAL = "budget.actual"
+    RELEASED = "budget.released"
+    LIMITS = "budget.limits"
+    REMAINING = "budget.remaining"
+    OUTCOME = "budget.outcome"
+    REASON = "budget.reason"
+    VIOLATED = "budget.violated_rules"
+    PURGED = "budget.purged"
+    LATE = "budget.late"
+    RETRIES = "budget.retries"
+    TRACE_ID = "budget.request_trace_id"
+    UNIT = "budget.unit"
+    RULE = "budget.rule"
+    COUNT = "budget.count"
+    RENEWED = "budget.renewed"
+    REHELD = "budget.reheld"
+    MISSING = "budget.missing"
+    OPERATION = "budget.operation"
+    ERROR = "budget.error"
+    OVERRUN = "budget.overrun"
+
+
+tracer = trace.get_tracer("budget_middleware", "0.1.0")
+
+
+class Instruments:
+    """The package's metrics, made once from the global meter provider."""
+
+    def __init__(self, meter: metrics.Meter | None = None) -> None:
+        meter = meter or metrics.get_meter("budget_middleware", "0.1.0")
+        self.reservations = meter.create_counter(
+            "budget.reservations", unit="{reservation}", description="reservations by outcome"
+        )
+        self.settlements = meter.create_counter(
+            "budget.settlements", unit="{settlement}", description="settlements by reason"
+        )
+        self.spend = meter.create_counter(
+            "budget.spend", unit="{micro-unit}", description="micro-units settled, by rule"
+        )
+        self.holds_expired = meter.create_counter(
+            "budget.holds.expired", unit="{hold}", description="expired holds purged"
+        )
+        self.queue = meter.create_up_down_counter(
+            "budget.finalizer.queue", unit="{settlement}", description="settlements pending"
+        )
+        self.ledger_duration = meter.create_histogram(
+            "budget.ledger.duration", unit="s", description="ledger call latency by operation"
+        )
+        self.lost = meter.create_counter(
+            "budget.settlements.lost",
+            unit="{settlement}",
+            description="settlements that could not be applied before the process ended",
+        )
+
+
+_instruments: Instruments | None = None
+
+
+def instruments() -> Instruments:
+    global _instruments
+    if _instruments is None:
+        _instruments = Instruments()
+    return _instruments
