@@ -54,6 +54,10 @@ class Finalizer:
         self.retry_cap_s = retry_cap_s
         self._hasher = hasher or EntityHasher()
         self._on_settled = on_settled
+        # A ledger that settles synchronously (memory) is applied in submit: nothing can block it.
+        self._settle_now: Callable[[Settlement], Settled] | None = getattr(
+            ledger, "settle_now", None
+        )
         self._pending: deque[Settlement] = deque()
         self._inflight: dict[str, tuple[Reservation, float]] = {}
         self._wakeup: anyio.Event | None = None
@@ -81,6 +85,15 @@ class Finalizer:
     def submit(self, settlement: Settlement) -> None:
         """Hand a settlement over. Synchronous: nothing here can be cancelled."""
         self._inflight.pop(settlement.reservation_id, None)
+        if self._settle_now is not None:
+            started = time.time_ns()
+            try:
+                result = self._settle_now(settlement)
+            except Exception:
+                logger.exception("budget: settling %s failed; queued", settlement.reservation_id)
+            else:
+                self._record(settlement, result, started)
+                return
         self._pending.append(settlement)
         instruments().queue.add(1)
         if self._wakeup is not None:

@@ -24,6 +24,7 @@ __all__ = [
     "Settlement",
     "Usage",
     "Violation",
+    "check_lease",
     "id_time_ms",
     "new_reservation_id",
 ]
@@ -68,6 +69,16 @@ def id_time_ms(reservation_id: str) -> int:
             return 0
         value = value * 32 + digit
     return value >> 80
+
+
+def check_lease(lease_ms: int, horizon_ms: int) -> None:
+    """A lease must be positive and no longer than the tombstone horizon.
+
+    Every write gives a budget's keys a TTL of lease + horizon; with every lease at most the horizon,
+    a write with a short lease can never end the life of a longer hold already in the keys.
+    """
+    if not 0 < lease_ms <= horizon_ms:
+        raise ValueError(f"lease {lease_ms} ms must be positive and at most the horizon {horizon_ms} ms")
 
 
 class LedgerError(Exception):

@@ -24,6 +24,7 @@ from ._types import (
     SettleOutcome,
     Usage,
     Violation,
+    check_lease,
     id_time_ms,
 )
 
@@ -122,6 +123,7 @@ class MemoryLedger:
     async def reserve(
         self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
     ) -> Reservation | Rejection:
+        check_lease(lease_ms, self.horizon_ms)
         now = self._clock()
         self._tick(now)
         expired_ids: list[str] = []
@@ -213,6 +215,11 @@ class MemoryLedger:
             for w in [w for w in st.spent if w != written and w + 2 * period < now]:
                 del st.spent[w]
 
+    def settle_now(self, settlement: Settlement) -> Settled:
+        """Settle synchronously: the memory ledger cannot fail or block, so the finalizer applies
+        its settlements at once instead of queueing them."""
+        return self._settle_one(settlement, self._clock())
+
     async def settle(self, settlement: Settlement) -> Settled:
         return self._settle_one(settlement, self._clock())
 
@@ -221,6 +228,7 @@ class MemoryLedger:
         return [self._settle_one(s, now) for s in settlements]
 
     async def extend(self, reservations: Sequence[Reservation], lease_ms: int) -> Renewed:
+        check_lease(lease_ms, self.horizon_ms)
         now = self._clock()
         renewed = reheld = missing = 0
         expiry = now + lease_ms

@@ -31,6 +31,7 @@ from ._types import (
     Settlement,
     Usage,
     Violation,
+    check_lease,
     id_time_ms,
 )
 
@@ -254,6 +255,7 @@ class RedisLedger:
     ) -> Reservation | Rejection:
         if not holds:
             raise ValueError("reserve needs at least one hold")
+        check_lease(lease_ms, self.horizon_ms)
         name, keys, args = self._reserve_call(reservation_id, holds, lease_ms)
         reply = await self._eval(name, keys, args)
         return self._reserve_result(reservation_id, holds, lease_ms, reply)
@@ -298,6 +300,7 @@ class RedisLedger:
         return out
 
     async def extend(self, reservations: Sequence[Reservation], lease_ms: int) -> Renewed:
+        check_lease(lease_ms, self.horizon_ms)
         calls: list[tuple[str, list[str], list[Any]]] = []
         for r in reservations:
             keys: list[str] = []
@@ -318,7 +321,7 @@ class RedisLedger:
 
     async def usage(self, budget: Budget, limit: int) -> Usage:
         reply = await self._eval(
-            "usage", self._keys(budget), [budget.period_ms, limit, self.horizon_ms, 60_000]
+            "usage", self._keys(budget), [budget.period_ms, limit, self.horizon_ms, self.horizon_ms]
         )
         now, window, eff_limit, spent, held, count, purged, _ids = reply
         return Usage(
