@@ -25,9 +25,9 @@ class EstimateError(ValueError):
 
 
 async def estimate_micros(
-    estimator: Estimator | None, request: Request, default: int, max_hold: int | None
+    estimator: Estimator | None, request: Request | None, default: int, max_hold: int | None
 ) -> int:
-    if estimator is None:
+    if estimator is None or request is None:
         micros = default
     else:
         try:

@@ -55,9 +55,7 @@ class Finalizer:
         self._hasher = hasher or EntityHasher()
         self._on_settled = on_settled
         # A ledger that settles synchronously (memory) is applied in submit: nothing can block it.
-        self._settle_now: Callable[[Settlement], Settled] | None = getattr(
-            ledger, "settle_now", None
-        )
+        self._settle_now: Callable[[Settlement], Settled] | None = getattr(ledger, "settle_now", None)
         self._pending: deque[Settlement] = deque()
         self._inflight: dict[str, tuple[Reservation, float]] = {}
         self._wakeup: anyio.Event | None = None

@@ -269,7 +269,19 @@ class BudgetMiddleware:
             self.finalizer.ensure_running()
         config = self.config
         fmt = config.error_format
-        request = Request(scope, receive) if self._needs_request else None
+        request = None
+        body_read: list[Message] = []
+        if self._needs_request:
+            # An estimator or identify callable may read the body; record it to replay to the app.
+            upstream = receive
+
+            async def receive_recording_body() -> Message:
+                message = await upstream()
+                if message["type"] == "http.request":
+                    body_read.append(message)
+                return message
+
+            request = Request(scope, receive_recording_body)
 
         # 1. Who is charged, under which rule.
         try:
@@ -300,12 +312,7 @@ class BudgetMiddleware:
 
         # 2. How much to hold.
         try:
-            estimate = await estimate_micros(
-                self._estimator,
-                request or Request(scope, receive),
-                config.estimate,
-                config.max_hold,
-            )
+            estimate = await estimate_micros(self._estimator, request, config.estimate, config.max_hold)
         except EstimateError as exc:
             logger.error("budget: %s", exc)
             with tracer.start_as_current_span(SPAN_RESERVE) as span:
@@ -324,6 +331,9 @@ class BudgetMiddleware:
                 code="budget_estimate_failed",
             )
             return
+
+        if body_read:
+            receive = _replaying(body_read, receive)
 
         # 3. Reserve every rule at once.
         rid = new_reservation_id()
@@ -590,6 +600,18 @@ class BudgetMiddleware:
             error_format=self.config.error_format,
             code="budget_identify_failed",
         )
+
+
+def _replaying(messages: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that first returns the body messages a hook already read."""
+    queue = list(messages)
+
+    async def receive_replaying_body() -> Message:
+        if queue:
+            return queue.pop(0)
+        return await receive()
+
+    return receive_replaying_body
 
 
 class _Missing(Exception):
