@@ -13,19 +13,19 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from decimal import Decimal
 from typing import Any
 
 import anyio
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .amounts import Amount, format_micros, to_decimal, to_micros
+from .amounts import format_micros, to_micros
 from .config import BudgetConfig, Rule
 from .costs import EstimateError, Estimator, estimate_micros
 from .finalizer import Finalizer
+from .handle import RequestBudget, get_reservation
 from .keys import AmbiguousEntity, Budget, EntityHasher
 from .ledger import (
     HeldBudget,
@@ -53,87 +53,6 @@ logger = logging.getLogger("budget_middleware")
 
 Identify = Callable[[Request], "Awaitable[Mapping[str, str | None]] | Mapping[str, str | None]"]
 _ANONYMOUS = "anonymous"  # outside the r:/h: namespaces, so no client id can collide with it
-
-
-class RequestBudget:
-    """The budget handle of one request: ``get_reservation(request).charge(amount)``.
-
-    Exists on every HTTP request that passes the middleware; ``metered`` says whether a reservation
-    backs it (excluded paths, requests no rule applies to, and fail-open bypasses are unmetered).
-    """
-
-    __slots__ = (
-        "_charged",
-        "_closed",
-        "_estimate",
-        "_reported",
-        "metered",
-        "reason",
-        "reservation_id",
-        "rules",
-    )
-
-    def __init__(
-        self,
-        *,
-        metered: bool,
-        reason: str = "",
-        reservation_id: str | None = None,
-        rules: tuple[str, ...] = (),
-        estimate: int = 0,
-    ) -> None:
-        self.metered = metered
-        self.reason = reason
-        self.reservation_id = reservation_id
-        self.rules = rules
-        self._estimate = estimate
-        self._charged = 0
-        self._reported = False
-        self._closed = False
-
-    def charge(self, amount: Amount) -> None:
-        """Report actual cost; may be called many times (per streamed chunk, say), it adds up.
-
-        Any call, even ``charge(0)``, makes the reported total the actual cost of the request.
-        Raises ``ValueError`` for a negative, NaN, infinite or malformed amount (nothing is charged)
-        and ``RuntimeError`` after the request's settlement was handed over.
-        """
-        micros = to_micros(amount, what="charge")
-        if self._closed:
-            raise RuntimeError(
-                f"budget of request {self.reservation_id} was already settled; charge the "
-                "request before its response ends"
-            )
-        self._charged += micros
-        self._reported = True
-
-    @property
-    def estimate(self) -> Decimal:
-        return to_decimal(self._estimate)
-
-    @property
-    def charged(self) -> Decimal:
-        return to_decimal(self._charged)
-
-    @property
-    def reported(self) -> bool:
-        return self._reported
-
-    def __repr__(self) -> str:
-        if not self.metered:
-            return f"RequestBudget(metered=False, reason={self.reason!r})"
-        return (
-            f"RequestBudget(id={self.reservation_id}, rules={list(self.rules)}, "
-            f"estimate={format_micros(self._estimate)}, charged={format_micros(self._charged)})"
-        )
-
-
-def get_reservation(request: HTTPConnection) -> RequestBudget:
-    """The budget handle of ``request`` (also at ``request.state.budget``)."""
-    handle = request.scope.get("state", {}).get("budget")
-    if not isinstance(handle, RequestBudget):
-        raise RuntimeError("no budget on this request: is BudgetMiddleware installed?")
-    return handle
 
 
 def make_ledger(config: BudgetConfig) -> Ledger:

@@ -90,6 +90,7 @@ class RedisLedger:
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
         socket_timeout: float | None = 5.0,
+        coalesce: bool = True,
     ) -> None:
         if url is None and client is None:
             raise ValueError("RedisLedger needs a url or a client")
@@ -104,6 +105,9 @@ class RedisLedger:
         self._client_key: tuple[int, int] | None = None if client is None else (os.getpid(), 0)
         self._scripts = _load_scripts()
         self._checked = False
+        self.coalesce = coalesce
+        self._reserve_queue: list[tuple[tuple[str, list[str], list[Any]], asyncio.Future[Any]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"RedisLedger({redact_url(self.url) if self.url else 'client'!r})"
@@ -256,9 +260,50 @@ class RedisLedger:
         if not holds:
             raise ValueError("reserve needs at least one hold")
         check_lease(lease_ms, self.horizon_ms)
-        name, keys, args = self._reserve_call(reservation_id, holds, lease_ms)
-        reply = await self._eval(name, keys, args)
+        call = self._reserve_call(reservation_id, holds, lease_ms)
+        if self.coalesce:
+            reply = await self._coalesced(call)
+        else:
+            reply = await self._eval(*call)
         return self._reserve_result(reservation_id, holds, lease_ms, reply)
+
+    async def _coalesced(self, call: tuple[str, list[str], list[Any]]) -> Any:
+        """Reserves made in one event-loop turn go out together in one pipelined round trip.
+
+        Each stays its own atomic script. A caller cancelled while waiting leaves its script to
+        run; the middleware releases such a reserve, as it does any reserve whose reply is lost.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._reserve_queue.append((call, future))
+        if len(self._reserve_queue) == 1:
+            loop.call_soon(self._start_reserve_flush)
+        return await future
+
+    def _start_reserve_flush(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._flush_reserves())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush_reserves(self) -> None:
+        queued, self._reserve_queue = self._reserve_queue, []
+        try:
+            replies = await self._eval_many([call for call, _ in queued])
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else LedgerUnavailable("reserve cancelled")
+            for _, future in queued:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), reply in zip(queued, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
 
     def _settle_call(self, s: Settlement) -> tuple[str, list[str], list[Any]]:
         keys: list[str] = []

@@ -1,0 +1,92 @@
+"""The budget handle of one request: what app code charges its actual cost to."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from starlette.requests import HTTPConnection
+
+from .amounts import Amount, format_micros, to_decimal, to_micros
+
+__all__ = ["RequestBudget", "get_reservation"]
+
+
+class RequestBudget:
+    """The budget handle of one request: ``get_reservation(request).charge(amount)``.
+
+    Exists on every HTTP request that passes the middleware; ``metered`` says whether a reservation
+    backs it (excluded paths, requests no rule applies to, and fail-open bypasses are unmetered).
+    """
+
+    __slots__ = (
+        "_charged",
+        "_closed",
+        "_estimate",
+        "_reported",
+        "metered",
+        "reason",
+        "reservation_id",
+        "rules",
+    )
+
+    def __init__(
+        self,
+        *,
+        metered: bool,
+        reason: str = "",
+        reservation_id: str | None = None,
+        rules: tuple[str, ...] = (),
+        estimate: int = 0,
+    ) -> None:
+        self.metered = metered
+        self.reason = reason
+        self.reservation_id = reservation_id
+        self.rules = rules
+        self._estimate = estimate
+        self._charged = 0
+        self._reported = False
+        self._closed = False
+
+    def charge(self, amount: Amount) -> None:
+        """Report actual cost; may be called many times (per streamed chunk, say), it adds up.
+
+        Any call, even ``charge(0)``, makes the reported total the actual cost of the request.
+        Raises ``ValueError`` for a negative, NaN, infinite or malformed amount (nothing is charged)
+        and ``RuntimeError`` after the request's settlement was handed over.
+        """
+        micros = to_micros(amount, what="charge")
+        if self._closed:
+            raise RuntimeError(
+                f"budget of request {self.reservation_id} was already settled; charge the "
+                "request before its response ends"
+            )
+        self._charged += micros
+        self._reported = True
+
+    @property
+    def estimate(self) -> Decimal:
+        return to_decimal(self._estimate)
+
+    @property
+    def charged(self) -> Decimal:
+        return to_decimal(self._charged)
+
+    @property
+    def reported(self) -> bool:
+        return self._reported
+
+    def __repr__(self) -> str:
+        if not self.metered:
+            return f"RequestBudget(metered=False, reason={self.reason!r})"
+        return (
+            f"RequestBudget(id={self.reservation_id}, rules={list(self.rules)}, "
+            f"estimate={format_micros(self._estimate)}, charged={format_micros(self._charged)})"
+        )
+
+
+def get_reservation(request: HTTPConnection) -> RequestBudget:
+    """The budget handle of ``request`` (also at ``request.state.budget``)."""
+    handle = request.scope.get("state", {}).get("budget")
+    if not isinstance(handle, RequestBudget):
+        raise RuntimeError("no budget on this request: is BudgetMiddleware installed?")
+    return handle
