@@ -46,6 +46,8 @@ def to_micros(value: Amount, *, what: str = "amount") -> int:
         raise ValueError(f"{what} must be finite, got {value!r}")
     if dec < 0:
         raise ValueError(f"{what} must not be negative, got {value!r}")
+    if dec and dec.adjusted() > 16:  # far past the largest exact amount; keeps Decimal from overflowing
+        raise ValueError(f"{what} {value!r} is too large (at most {format_micros(_MAX_MICROS)})")
     scaled = dec * MICROS
     if scaled != scaled.to_integral_value():
         raise ValueError(f"{what} {value!r} is finer than one micro-unit (1e-6) and would round")

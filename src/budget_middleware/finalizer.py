@@ -61,6 +61,8 @@ class Finalizer:
         self._wakeup: anyio.Event | None = None
         self._idle: anyio.Event | None = None
         self._busy = False
+        self._wait_until = -1.0  # when the idle worker wakes by itself (monotonic), -1 if busy
+        self._renew_failures = 0
         self._stopping = False
         self._running = False
         self._task: asyncio.Task[None] | None = None
@@ -75,10 +77,10 @@ class Finalizer:
 
     def track(self, reservation: Reservation) -> None:
         """Keep an admitted reservation's leases renewed while its request runs."""
-        self._inflight[reservation.id] = (
-            reservation,
-            time.monotonic() + reservation.lease_ms / 3000,
-        )
+        due = time.monotonic() + reservation.lease_ms / 3000
+        self._inflight[reservation.id] = (reservation, due)
+        if due < self._wait_until and self._wakeup is not None:
+            self._wakeup.set()  # the idle worker sleeps past this renewal: let it look again
 
     def submit(self, settlement: Settlement) -> None:
         """Hand a settlement over. Synchronous: nothing here can be cancelled."""
@@ -134,8 +136,11 @@ class Finalizer:
             while True:
                 if not self._pending and not self._stopping:
                     self._set_idle()
-                    with anyio.move_on_after(self._seconds_to_next_renewal()):
+                    wait = self._seconds_to_next_renewal()
+                    self._wait_until = time.monotonic() + wait
+                    with anyio.move_on_after(wait):
                         await self._wakeup.wait()
+                    self._wait_until = -1.0
                     self._wakeup = anyio.Event()
                 if self._stopping and not self._pending:
                     break
@@ -315,10 +320,18 @@ class Finalizer:
             except (LedgerError, TimeoutError) as exc:
                 span.set_status(Status(StatusCode.ERROR, str(exc) or "timeout"))
                 logger.warning("budget: lease renewal of %d failed (%s)", len(due), exc)
+                # Try again after a capped backoff, well inside the lease, not in a busy loop.
+                self._renew_failures += 1
+                delay = min(self.lease_ms / 6000, self.retry_base_s * 2 ** min(self._renew_failures, 16))
+                retry_at = time.monotonic() + delay * (0.5 + random.random() / 2)
+                for r in due:
+                    if r.id in self._inflight:
+                        self._inflight[r.id] = (r, retry_at)
                 return
             span.set_attribute(ATTR.RENEWED, renewed.renewed)
             span.set_attribute(ATTR.REHELD, renewed.reheld)
             span.set_attribute(ATTR.MISSING, renewed.missing)
+        self._renew_failures = 0
         instruments().ledger_duration.record(time.perf_counter() - t0, {ATTR.OPERATION: "extend"})
         next_at = time.monotonic() + self.lease_ms / 3000
         for r in due:
