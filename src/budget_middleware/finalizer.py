@@ -24,7 +24,7 @@ from opentelemetry.trace import Link, SpanContext, Status, StatusCode
 from .amounts import format_micros
 from .keys import EntityHasher
 from .ledger import Ledger, LedgerError, Reservation, Settled, Settlement
-from .telemetry import ATTR, SPAN_RENEW, SPAN_SETTLE, instruments, tracer
+from .telemetry import ATTR, EVENT_OVERRUN, SPAN_RENEW, SPAN_SETTLE, instruments, tracer
 
 __all__ = ["Finalizer"]
 
@@ -45,6 +45,7 @@ class Finalizer:
         retry_cap_s: float = 5.0,
         hasher: EntityHasher | None = None,
         on_settled: Callable[[Settlement, Settled], None] | None = None,
+        span_raw_ids: bool = False,
     ) -> None:
         self.ledger = ledger
         self.lease_ms = lease_ms
@@ -54,6 +55,7 @@ class Finalizer:
         self.retry_cap_s = retry_cap_s
         self._hasher = hasher or EntityHasher()
         self._on_settled = on_settled
+        self._span_raw_ids = span_raw_ids
         # A ledger that settles synchronously (memory) is applied in submit: nothing can block it.
         self._settle_now: Callable[[Settlement], Settled] | None = getattr(ledger, "settle_now", None)
         self._pending: deque[Settlement] = deque()
@@ -280,7 +282,10 @@ class Finalizer:
             ATTR.LATE: outcome == "late",
             ATTR.RETRIES: s.attempts,
             ATTR.RULES: [hb.budget.rule for hb in s.holds],
-            ATTR.ENTITIES: [self._hasher.for_span(hb.budget.entity) for hb in s.holds],
+            ATTR.ENTITIES: [
+                hb.budget.entity if self._span_raw_ids else self._hasher.for_span(hb.budget.entity)
+                for hb in s.holds
+            ],
         }
         if s.trace_id:
             attrs[ATTR.TRACE_ID] = s.trace_id
@@ -289,6 +294,8 @@ class Finalizer:
         span = tracer.start_span(
             SPAN_SETTLE, context=_ROOT, links=links, attributes=attrs, start_time=started_ns
         )
+        if s.actual > s.estimate:
+            span.add_event(EVENT_OVERRUN, {ATTR.OVERRUN: s.actual - s.estimate})
         span.end()
         if outcome in ("recovered", "stale"):
             logger.warning(

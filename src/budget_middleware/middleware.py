@@ -45,7 +45,7 @@ from .responses import (
     send_rejection,
     send_unavailable,
 )
-from .telemetry import ATTR, EVENT_HOLD_EXPIRED, EVENT_OVERRUN, SPAN_RESERVE, instruments, tracer
+from .telemetry import ATTR, EVENT_HOLD_EXPIRED, SPAN_RESERVE, instruments, tracer
 
 __all__ = ["BudgetMiddleware", "RequestBudget", "get_reservation"]
 
@@ -104,6 +104,7 @@ class BudgetMiddleware:
             lease_ms=self.config.lease_ms,
             timeout_ms=self.config.timeout_ms,
             hasher=self.hasher,
+            span_raw_ids=self.config.span_raw_ids,
         )
         self._estimator = estimate
         self._identify = identify
@@ -488,9 +489,6 @@ class BudgetMiddleware:
                 format_micros(actual),
                 format_micros(estimate),
             )
-            span = trace.get_current_span()
-            if span.is_recording():
-                span.add_event(EVENT_OVERRUN, {ATTR.RESERVATION_ID: reservation.id})
         trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
         self.finalizer.submit(
             Settlement(
