@@ -61,11 +61,12 @@ class Finalizer:
         self._pending: deque[Settlement] = deque()
         self._inflight: dict[str, tuple[Reservation, float]] = {}
         self._wakeup: anyio.Event | None = None
-        self._idle: anyio.Event | None = None
+        self._changed: anyio.Event | None = None
         self._busy = False
         self._wait_until = -1.0  # when the idle worker wakes by itself (monotonic), -1 if busy
         self._renew_failures = 0
         self._stopping = False
+        self._stopped = False
         self._running = False
         self._task: asyncio.Task[None] | None = None
         self._task_loop: asyncio.AbstractEventLoop | None = None
@@ -98,8 +99,11 @@ class Finalizer:
                 return
         self._pending.append(settlement)
         instruments().queue.add(1)
-        if self._wakeup is not None:
+        if self._stopped:
+            self._drop_pending("a settlement arrived after shutdown")
+        elif self._wakeup is not None:
             self._wakeup.set()
+        self._notify()
 
     @property
     def pending(self) -> int:
@@ -123,21 +127,22 @@ class Finalizer:
         if self._task is not None and not self._task.done() and self._task_loop is loop:
             return
         self._stopping = False
+        self._stopped = False
         self._task_loop = loop
         self._task = loop.create_task(self.run(), name="budget-finalizer")
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """The worker loop; returns after ``stop`` once everything pending is applied."""
+        """The worker loop; returns after ``drain`` once everything pending is applied."""
         self._wakeup = anyio.Event()
-        self._idle = anyio.Event()
         self._running = True
         self._stopping = False
+        self._stopped = False
         task_status.started()
         failures = 0
         try:
             while True:
                 if not self._pending and not self._stopping:
-                    self._set_idle()
+                    self._notify()
                     wait = self._seconds_to_next_renewal()
                     self._wait_until = time.monotonic() + wait
                     with anyio.move_on_after(wait):
@@ -148,6 +153,7 @@ class Finalizer:
                     break
                 ok = await self._flush()
                 await self._renew_due()
+                self._notify()
                 if ok:
                     failures = 0
                     continue
@@ -156,45 +162,68 @@ class Finalizer:
                 await anyio.sleep(delay * (0.5 + random.random() / 2))
         finally:
             self._running = False
-            self._set_idle()
+            self._notify()
 
-    def _set_idle(self) -> None:
-        if self._idle is not None and not self._pending and not self._busy:
-            self._idle.set()
+    def _notify(self) -> None:
+        """Wake everyone waiting in ``wait_idle`` to look at the state again."""
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
 
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until nothing is pending (True), or the timeout passes (False)."""
+    def _worker_alive(self) -> bool:
+        return self._running or (self._task is not None and not self._task.done())
+
+    async def wait_idle(self, timeout_s: float, *, requests: bool = False) -> bool:
+        """Wait until nothing is pending (and, with ``requests``, no admitted request is still
+        running): True, or False when ``timeout_s`` passes first."""
         with anyio.move_on_after(timeout_s):
-            while self._pending or self._busy:
-                if self._idle is None or self._idle.is_set():
-                    self._idle = anyio.Event()
+            while self._pending or self._busy or (requests and self._inflight):
                 if self._wakeup is not None:
                     self._wakeup.set()
-                await self._idle.wait()
+                if self._changed is None:
+                    self._changed = anyio.Event()
+                await self._changed.wait()
             return True
         return False
 
     async def drain(self, timeout_s: float) -> int:
-        """Stop after applying everything pending, within ``timeout_s``; returns what was lost."""
+        """Shut down: wait, within ``timeout_s``, for running requests to hand over their
+        settlements and for everything pending to be applied; then stop. Returns what was lost."""
+        if not self._worker_alive() and self._pending:
+            self.ensure_running()  # a worker that never started: start it to apply what waits
+        await self.wait_idle(timeout_s, requests=True)
         self._stopping = True
         if self._wakeup is not None:
             self._wakeup.set()
-        if self._running:
-            await self.wait_idle(timeout_s)
+        with anyio.move_on_after(0.5):
+            await self.wait_idle(0.5)
+        self._stopped = True
+        if self._inflight:
+            logger.error(
+                "budget: shutdown drained with %d requests still running; their holds expire by "
+                "lease and whatever they settle from now on is lost",
+                len(self._inflight),
+            )
+        left = self._drop_pending("shutdown drained")
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        return left
+
+    def _drop_pending(self, why: str) -> int:
         left = len(self._pending)
         if left:
             self.lost += left
             instruments().lost.add(left)
+            instruments().queue.add(-left)
             total = sum(s.actual for s in self._pending)
             logger.error(
-                "budget: shutdown drained with %d settlements unapplied (%s in actual cost); "
-                "their holds expire by lease, their spend is not recorded",
+                "budget: %s with %d settlements unapplied (%s in actual cost); their holds expire "
+                "by lease, their spend is not recorded",
+                why,
                 left,
                 format_micros(total),
             )
             self._pending.clear()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
         return left
 
     # -- the worker's side ---------------------------------------------------------------------

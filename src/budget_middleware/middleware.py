@@ -141,8 +141,19 @@ class BudgetMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
         drained = False
+        closed = False
         finalizer = self.finalizer
         drain_s = self.config.drain_timeout_ms / 1000
+
+        async def drain_and_close() -> None:
+            nonlocal drained, closed
+            if started and not drained:
+                drained = True
+                await finalizer.drain(drain_s)
+            if not closed:
+                closed = True
+                with anyio.move_on_after(2):
+                    await self.ledger.aclose()
 
         async with anyio.create_task_group() as tg:
 
@@ -154,18 +165,25 @@ class BudgetMiddleware:
                     started = True
                     self._log_startup()
                 elif message["type"] == "lifespan.shutdown" and started and not drained:
+                    # Requests have ended (or been cancelled) by now: apply their settlements
+                    # before the app's own shutdown runs.
                     drained = True
                     await finalizer.drain(drain_s)
                 return message
 
+            async def send_closing_ledger(message: Message) -> None:
+                # Some servers cancel the lifespan task as soon as shutdown completes, so finish
+                # our own shutdown first.
+                if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                    await drain_and_close()
+                await send(message)
+
             try:
-                await self.app(scope, receive_managing_finalizer, send)
+                await self.app(scope, receive_managing_finalizer, send_closing_ledger)
             finally:
-                if started and not drained:
+                if not (drained and closed):
                     with anyio.CancelScope(shield=True):
-                        await finalizer.drain(drain_s)
-                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                    await self.ledger.aclose()
+                        await drain_and_close()
                 tg.cancel_scope.cancel()
 
     def _log_startup(self) -> None:
