@@ -67,12 +67,14 @@ class MemoryLedger:
         self._clock = clock
         self._states: dict[tuple[str, str], _State] = {}
         self._limits: dict[tuple[str, str], int] = {}
+        self._periods: dict[tuple[str, str], int] = {}
         self._ops = 0
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _state(self, budget: Budget, now: int) -> _State:
         key = (budget.rule, budget.entity)
+        self._periods[key] = budget.period_ms
         st = self._states.get(key)
         if st is None:
             st = self._states[key] = _State(epoch=os.urandom(8).hex())
@@ -102,16 +104,20 @@ class MemoryLedger:
         return self._limits.get((budget.rule, budget.entity), default)
 
     def _sweep(self, now: int) -> None:
-        """Forget budgets idle past the horizon, as Redis keys with TTLs would vanish."""
+        """Forget what Redis would have expired in budgets idle past the horizon: tombstones,
+        recovered ids, and the spend of windows that ended two periods ago. A budget with nothing
+        left is dropped; a lifetime budget's spend is its record and stays."""
         idle = now - self.horizon_ms
         for key in [k for k, st in self._states.items() if st.touched_ms < idle and not st.holds]:
             st = self._states[key]
-            # A lifetime budget's spend is its record; keep it, as the Redis spent hash has no TTL.
-            if 0 in st.spent:
-                st.expired.clear()
-                st.done.clear()
-                continue
-            del self._states[key]
+            st.expired.clear()
+            st.done.clear()
+            period = self._periods.get(key, 0)
+            if period:
+                for w in [w for w in st.spent if w + 2 * period < now]:
+                    del st.spent[w]
+            if not st.spent:
+                del self._states[key]
 
     def _tick(self, now: int) -> None:
         self._ops += 1
@@ -123,6 +129,8 @@ class MemoryLedger:
     async def reserve(
         self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
     ) -> Reservation | Rejection:
+        if not holds:
+            raise ValueError("reserve needs at least one hold")
         check_lease(lease_ms, self.horizon_ms)
         now = self._clock()
         self._tick(now)
@@ -176,6 +184,8 @@ class MemoryLedger:
         )
 
     def _settle_one(self, s: Settlement, now: int) -> Settled:
+        if s.actual < 0 or (s.actual and any(hb.window < 0 for hb in s.holds)):
+            raise ValueError("a settle needs actual >= 0, and a release (window -1) actual 0")
         outcomes: list[SettleOutcome] = []
         old = id_time_ms(s.reservation_id) < now - self.horizon_ms
         for hb in s.holds:

@@ -8,12 +8,14 @@ scripts, so replicas with skewed clocks agree on windows and leases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
@@ -44,12 +46,19 @@ _OUTCOMES: frozenset[str] = frozenset({"applied", "late", "recovered", "duplicat
 
 
 def redact_url(url: str) -> str:
-    """A Redis URL fit for a log line: the password (and a user name) replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    _creds, _, host = rest.rpartition("@")
-    return f"{scheme}://***@{host}"
+    """A Redis URL fit for a log line: credentials in the authority and a ``password`` (or
+    ``username``) query parameter replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = "&".join(
+            f"{k}=***" if k.lower() in ("password", "username", "user") else f"{k}={v}" for k, v in pairs
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class _Script:
@@ -91,6 +100,7 @@ class RedisLedger:
         wait_timeout_ms: int = 1000,
         socket_timeout: float | None = 5.0,
         coalesce: bool = True,
+        max_connections: int = 64,
     ) -> None:
         if url is None and client is None:
             raise ValueError("RedisLedger needs a url or a client")
@@ -106,6 +116,7 @@ class RedisLedger:
         self._scripts = _load_scripts()
         self._checked = False
         self.coalesce = coalesce
+        self.max_connections = max_connections
         self._reserve_queue: list[tuple[tuple[str, list[str], list[Any]], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
 
@@ -122,13 +133,17 @@ class RedisLedger:
         key = (os.getpid(), id(asyncio.get_running_loop()))
         if self._client is None or self._client_key != key:
             assert self.url is not None
-            self._client = aioredis.Redis.from_url(
+            # A blocking pool: under a burst, callers wait for a connection instead of failing.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self.url,
+                max_connections=self.max_connections,
+                timeout=self._socket_timeout,
                 decode_responses=True,
                 socket_timeout=self._socket_timeout,
                 socket_connect_timeout=self._socket_timeout,
                 health_check_interval=30,
             )
+            self._client = aioredis.Redis.from_pool(pool)
             self._client_key = key
             self._checked = False
         return self._client
@@ -172,38 +187,50 @@ class RedisLedger:
     async def _eval_many(self, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
         """Many script calls in one pipelined round trip (EVALSHA directly: no SCRIPT EXISTS).
 
-        Every script is idempotent, so on NOSCRIPT the whole batch is loaded and sent again.
-        Returns one result or exception per call.
+        On NOSCRIPT (a restart or failover emptied the script cache) the scripts are loaded and
+        only the calls that did not run are sent again. Returns one result or exception per call.
         """
         if not calls:
             return []
         client = self.client()
         if not self._checked:
             await self.check()
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
         for attempt in (0, 1):
             try:
                 pipe = client.pipeline(transaction=False)
-                for name, keys, args in calls:
+                for i in todo:
+                    name, keys, args = calls[i]
                     pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
                 if self.wait_replicas:
                     pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-                results = await pipe.execute(raise_on_error=False)
+                replies = await pipe.execute(raise_on_error=False)
             except rexc.RedisError as exc:
                 raise _wrap(exc) from exc
             except OSError as exc:
                 raise _wrap(exc) from exc
             if self.wait_replicas:
-                acked = results.pop()
+                acked = replies.pop()
                 if isinstance(acked, int) and acked < self.wait_replicas:
                     raise LedgerUnavailable(
                         f"only {acked} of {self.wait_replicas} replicas acknowledged the batch"
                     )
-            if attempt == 0 and any(isinstance(r, rexc.NoScriptError) for r in results):
-                for name in {c[0] for c in calls}:
+            missing = []
+            for i, reply in zip(todo, replies, strict=True):
+                if attempt == 0 and isinstance(reply, rexc.NoScriptError):
+                    missing.append(i)
+                else:
+                    results[i] = _wrap(reply) if isinstance(reply, BaseException) else reply
+            if not missing:
+                break
+            try:
+                for name in {calls[i][0] for i in missing}:
                     await client.script_load(self._scripts[name].source)
-                continue
-            return [_wrap(r) if isinstance(r, BaseException) else r for r in results]
-        raise AssertionError("unreachable")
+            except (rexc.RedisError, OSError) as exc:
+                raise _wrap(exc) from exc
+            todo = missing
+        return results
 
     def _keys(self, budget: Budget) -> list[str]:
         return [*self.layout.state_keys(budget), f"{self.layout.base(budget)}:spent"]
@@ -395,6 +422,9 @@ class RedisLedger:
         await self._eval("reset", self._keys(budget), [budget.period_ms])
 
     async def aclose(self) -> None:
+        if self._flushes:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*self._flushes, return_exceptions=True), 5)
         if self._own_client and self._client is not None:
             client, self._client = self._client, None
             try:
