@@ -32,6 +32,7 @@ ChargeChoice = Literal["estimate", "zero"]
 ErrorFormat = Literal["problem", "openai"]
 EntityResolver = Callable[[Request], "Awaitable[str | None] | str | None"]
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "redis+sentinel://")
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*", re.IGNORECASE)
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 
@@ -168,6 +169,8 @@ class BudgetConfig:
     hold_retry_after_s: int = 1
     wait_replicas: int = 0
     span_raw_ids: bool = False
+    journal_dir: str | None = None
+    max_pending: int = 100_000
 
     def __post_init__(self) -> None:
         names = [r.name for r in self.rules]
@@ -188,6 +191,8 @@ class BudgetConfig:
             raise ConfigError(
                 f"charge_header must be a lower-case header name, got {self.charge_header!r}"
             )
+        if self.max_pending < 1:
+            raise ConfigError(f"max_pending must be at least 1, got {self.max_pending!r}")
         for path in self.exclude:
             if not path.startswith("/"):
                 raise ConfigError(f"exclude paths must start with '/', got {path!r}")
@@ -258,6 +263,12 @@ def _from_config(env: Config) -> BudgetConfig:
             return False
         raise ValueError("must be true or false")
 
+    def positive(v: str) -> int:
+        n = int(v)
+        if n < 1:
+            raise ValueError("must be at least 1")
+        return n
+
     def count(v: str) -> int:
         n = int(v)
         if n < 0:
@@ -298,11 +309,12 @@ def _from_config(env: Config) -> BudgetConfig:
         raise ConfigError(f"BUDGET_RULES: duplicate rule names: {', '.join(dupes)}")
 
     redis_url = raw("BUDGET_REDIS_URL")
-    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+    if redis_url is not None and not redis_url.startswith(REDIS_SCHEMES):
         from .ledger.redis import redact_url
 
         raise ConfigError(
-            f"BUDGET_REDIS_URL={redact_url(redis_url)!r}: use a redis://, rediss:// or unix:// URL"
+            f"BUDGET_REDIS_URL={redact_url(redis_url)!r}: use a redis://, rediss://, unix://, "
+            "redis+cluster:// or redis+sentinel:// URL"
         )
     prefix = raw("BUDGET_PREFIX")
     if prefix is not None:
@@ -334,6 +346,8 @@ def _from_config(env: Config) -> BudgetConfig:
         ),
         "wait_replicas": parse("BUDGET_WAIT_REPLICAS", count),
         "span_raw_ids": parse("BUDGET_SPAN_RAW_IDS", flag),
+        "journal_dir": raw("BUDGET_JOURNAL"),
+        "max_pending": parse("BUDGET_MAX_PENDING", positive),
     }
     try:
         return BudgetConfig(**{k: v for k, v in values.items() if v is not None})

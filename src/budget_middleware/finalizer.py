@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -373,10 +373,6 @@ class Finalizer:
         for r in due:
             if r.id in self._inflight:
                 self._inflight[r.id] = (r, next_at)
-
-    def untrack_many(self, ids: Sequence[str]) -> None:
-        for rid in ids:
-            self._inflight.pop(rid, None)
 
 
 # Settle and renew spans start their own traces: the request's span ended long ago. The link to the

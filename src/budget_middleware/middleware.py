@@ -33,10 +33,10 @@ from .ledger import (
     Ledger,
     LedgerError,
     MemoryLedger,
-    RedisLedger,
     Reservation,
     Settlement,
     new_reservation_id,
+    redis_ledger_from_url,
 )
 from .responses import (
     admitted_headers,
@@ -57,7 +57,7 @@ _ANONYMOUS = "anonymous"  # outside the r:/h: namespaces, so no client id can co
 
 def make_ledger(config: BudgetConfig) -> Ledger:
     if config.redis_url:
-        return RedisLedger(
+        return redis_ledger_from_url(
             config.redis_url,
             prefix=config.prefix,
             horizon_ms=config.horizon_ms,

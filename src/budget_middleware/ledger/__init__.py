@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._types import (
     HeldBudget,
     HoldRequest,
@@ -22,6 +24,13 @@ from ._types import (
 from .memory import MemoryLedger
 from .redis import RedisLedger, redact_url
 
+
+def redis_ledger_from_url(url: str, **options: Any) -> RedisLedger:
+    """The Redis ledger for a ``BUDGET_REDIS_URL``: standalone (``redis://``, ``rediss://``,
+    ``unix://``); Sentinel and Cluster URLs are added by their own modules."""
+    return RedisLedger(url, **options)
+
+
 __all__ = [
     "HeldBudget",
     "HoldRequest",
@@ -41,4 +50,5 @@ __all__ = [
     "id_time_ms",
     "new_reservation_id",
     "redact_url",
+    "redis_ledger_from_url",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from ..keys import Budget
@@ -185,7 +185,6 @@ class Settlement:
     attempts: int = 0
     context: object = None  # telemetry: the reserve span's context, for the settle span's link
     trace_id: str = ""
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,21 +132,25 @@ class RedisLedger:
             return self._client
         key = (os.getpid(), id(asyncio.get_running_loop()))
         if self._client is None or self._client_key != key:
-            assert self.url is not None
-            # A blocking pool: under a burst, callers wait for a connection instead of failing.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url,
-                max_connections=self.max_connections,
-                timeout=self._socket_timeout,
-                decode_responses=True,
-                socket_timeout=self._socket_timeout,
-                socket_connect_timeout=self._socket_timeout,
-                health_check_interval=30,
-            )
-            self._client = aioredis.Redis.from_pool(pool)
+            self._client = self._connect()
             self._client_key = key
             self._checked = False
         return self._client
+
+    def _connect(self) -> aioredis.Redis:
+        """Make a client from ``self.url``; Sentinel and Cluster ledgers override this."""
+        assert self.url is not None
+        # A blocking pool: under a burst, callers wait for a connection instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            timeout=self._socket_timeout,
+            decode_responses=True,
+            socket_timeout=self._socket_timeout,
+            socket_connect_timeout=self._socket_timeout,
+            health_check_interval=30,
+        )
+        return aioredis.Redis.from_pool(pool)
 
     async def check(self) -> None:
         """Warn loudly when Redis may evict budget keys (``maxmemory-policy`` not ``noeviction``)."""
