@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,35 +40,26 @@ _OUTCOME_RANK: dict[SettleOutcome, int] = {
     "duplicate": 4,
 }
 
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_DECODE = {c: i for i, c in enumerate(_CROCKFORD)}
+_HEX = frozenset("0123456789abcdef")
+_random_bits = random.getrandbits
 
 
 def new_reservation_id(now_ms: int | None = None) -> str:
-    """A ULID: 48 bits of creation time (ms) and 80 random bits, 26 Crockford base32 characters.
+    """A time-ordered random id: 48 bits of creation time (ms) and 80 random bits, 32 hex digits.
 
     The creation time lets a settle refuse an id older than the tombstone horizon without a lookup.
+    ``random`` is reseeded in every forked process, and ids need to be unique, not secret.
     """
-    ms = int(time.time() * 1000) if now_ms is None else now_ms
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
-    chars = []
-    for _ in range(26):
-        value, rem = divmod(value, 32)
-        chars.append(_CROCKFORD[rem])
-    return "".join(reversed(chars))
+    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    return f"{ms:012x}{_random_bits(80):020x}"
 
 
 def id_time_ms(reservation_id: str) -> int:
-    """The creation time carried by a reservation id (0 if it is not a ULID)."""
-    if len(reservation_id) != 26:
+    """The creation time carried by a reservation id (0 if it is not one of ours)."""
+    head = reservation_id[:12]
+    if len(reservation_id) != 32 or not _HEX.issuperset(head):
         return 0
-    value = 0
-    for ch in reservation_id:
-        digit = _DECODE.get(ch)
-        if digit is None:
-            return 0
-        value = value * 32 + digit
-    return value >> 80
+    return int(head, 16)
 
 
 def check_lease(lease_ms: int, horizon_ms: int) -> None:
@@ -89,7 +80,7 @@ class LedgerUnavailable(LedgerError):
     """The ledger's store is unreachable (connection refused, timed out, no primary)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HoldRequest:
     """One hold to take: ``amount`` on ``budget`` whose default limit is ``limit`` (micro-units)."""
 
@@ -98,7 +89,7 @@ class HoldRequest:
     amount: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeldBudget:
     """A hold that was taken: what a settlement needs to find it again, even after it expired."""
 
@@ -111,7 +102,7 @@ class HeldBudget:
     reset_ms: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reservation:
     """The holds of one request, taken all-or-nothing under one id."""
 
@@ -125,7 +116,7 @@ class Reservation:
     admitted: Literal[True] = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Violation:
     """One budget that refused a reservation."""
 
@@ -154,7 +145,7 @@ class Violation:
         return max(0.0, (self.reset_ms - self.now_ms) / 1000)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rejection:
     """A refused reservation: no hold was taken on any budget."""
 
@@ -187,7 +178,7 @@ class Settlement:
     trace_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Settled:
     """What a settle did, per hold and overall."""
 
@@ -201,7 +192,7 @@ class Settled:
         return min(self.outcomes, key=_OUTCOME_RANK.__getitem__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Renewed:
     """What a lease renewal found: renewed holds, tombstones held again, and holds gone."""
 
@@ -210,7 +201,7 @@ class Renewed:
     missing: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
     """A budget's state in its current window."""
 

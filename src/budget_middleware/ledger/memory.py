@@ -74,10 +74,10 @@ class MemoryLedger:
 
     def _state(self, budget: Budget, now: int) -> _State:
         key = (budget.rule, budget.entity)
-        self._periods[key] = budget.period_ms
         st = self._states.get(key)
         if st is None:
             st = self._states[key] = _State(epoch=os.urandom(8).hex())
+            self._periods[key] = budget.period_ms
         st.touched_ms = now
         return st
 
@@ -131,52 +131,52 @@ class MemoryLedger:
     ) -> Reservation | Rejection:
         if not holds:
             raise ValueError("reserve needs at least one hold")
-        check_lease(lease_ms, self.horizon_ms)
+        if not 0 < lease_ms <= self.horizon_ms:
+            check_lease(lease_ms, self.horizon_ms)
         now = self._clock()
-        self._tick(now)
+        self._ops += 1
+        if self._ops % 10_000 == 0:
+            self._sweep(now)
         expired_ids: list[str] = []
         purged = 0
-        states = [self._state(h.budget, now) for h in holds]
-        for st in states:
-            purged += self._purge(st, now, expired_ids)
+        rows = []
+        for h in holds:
+            st = self._state(h.budget, now)
+            heap = st.expiry_heap
+            if heap and heap[0][0] <= now:
+                purged += self._purge(st, now, expired_ids)
+            b = h.budget
+            window = now - now % b.period_ms if b.period_ms else 0
+            limit = self._limits.get((b.rule, b.entity), h.limit)
+            rows.append((h, st, window, limit, st.spent.get(window, 0)))
 
-        replay = bool(states) and (
-            reservation_id in states[0].holds or reservation_id in states[0].expired
-        )
-        violations: list[Violation] = []
-        rows: list[tuple[int, int, int, int]] = []  # window, limit, spent, held
-        for h, st in zip(holds, states, strict=True):
-            window = h.budget.window_of(now)
-            limit = self._limit(h.budget, h.limit)
-            spent = st.spent.get(window, 0)
-            rows.append((window, limit, spent, st.held))
-            if replay:
-                continue
-            if limit - spent - st.held <= 0 or spent + st.held + h.amount > limit:
-                violations.append(
-                    Violation(h.budget, limit, spent, st.held, h.amount, h.budget.reset_ms(window), now)
-                )
-        if violations:
-            return Rejection(reservation_id, tuple(violations), purged, tuple(expired_ids))
+        replay = reservation_id in rows[0][1].holds
+        if not replay:
+            violations = [
+                Violation(h.budget, limit, spent, st.held, h.amount, h.budget.reset_ms(w), now)
+                for h, st, w, limit, spent in rows
+                if limit - spent - st.held <= 0 or spent + st.held + h.amount > limit
+            ]
+            if violations:
+                return Rejection(reservation_id, tuple(violations), purged, tuple(expired_ids))
 
         held: list[HeldBudget] = []
         expiry = now + lease_ms
-        for h, st, (window, limit, spent, before) in zip(holds, states, rows, strict=True):
-            after = before
+        for h, st, window, limit, spent in rows:
             if not replay:
                 st.holds[reservation_id] = (expiry, h.amount)
                 heapq.heappush(st.expiry_heap, (expiry, reservation_id))
                 st.held += h.amount
-                after = st.held
+            b = h.budget
             held.append(
                 HeldBudget(
-                    h.budget,
+                    b,
                     h.amount,
                     window,
                     st.epoch,
                     limit,
-                    limit - spent - after,
-                    h.budget.reset_ms(window),
+                    limit - spent - st.held,
+                    window + b.period_ms if b.period_ms else None,
                 )
             )
         return Reservation(
@@ -187,7 +187,6 @@ class MemoryLedger:
         if s.actual < 0 or (s.actual and any(hb.window < 0 for hb in s.holds)):
             raise ValueError("a settle needs actual >= 0, and a release (window -1) actual 0")
         outcomes: list[SettleOutcome] = []
-        old = id_time_ms(s.reservation_id) < now - self.horizon_ms
         for hb in s.holds:
             st = self._state(hb.budget, now)
             rid = s.reservation_id
@@ -201,10 +200,10 @@ class MemoryLedger:
             elif hb.window < 0:
                 outcome = "duplicate"  # the release of a reserve that never landed: nothing held
             elif st.epoch == hb.epoch:
-                outcome = "stale" if old else "duplicate"
+                outcome = "stale" if self._old(rid, now) else "duplicate"
             elif rid in st.done:
                 outcome = "duplicate"
-            elif old:
+            elif self._old(rid, now):
                 outcome = "stale"
             else:
                 outcome = "recovered"
@@ -212,11 +211,18 @@ class MemoryLedger:
                 cutoff = now - self.horizon_ms
                 for done_id in [d for d, t in st.done.items() if t <= cutoff]:
                     del st.done[done_id]
-            if outcome in ("applied", "late", "recovered") and s.actual and hb.window >= 0:
-                st.spent[hb.window] = st.spent.get(hb.window, 0) + s.actual
-                self._tidy_windows(st, hb.budget, hb.window, now)
+            if s.actual and hb.window >= 0 and outcome != "duplicate" and outcome != "stale":
+                spent = st.spent
+                if hb.window in spent:
+                    spent[hb.window] += s.actual
+                else:
+                    spent[hb.window] = s.actual
+                    self._tidy_windows(st, hb.budget, hb.window, now)
             outcomes.append(outcome)
         return Settled(s.reservation_id, tuple(outcomes))
+
+    def _old(self, reservation_id: str, now: int) -> bool:
+        return id_time_ms(reservation_id) < now - self.horizon_ms
 
     @staticmethod
     def _tidy_windows(st: _State, budget: Budget, written: int, now: int) -> None:

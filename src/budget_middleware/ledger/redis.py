@@ -237,7 +237,8 @@ class RedisLedger:
         return results
 
     def _keys(self, budget: Budget) -> list[str]:
-        return [*self.layout.state_keys(budget), f"{self.layout.base(budget)}:spent"]
+        base = self.layout.base(budget)
+        return [*self.layout.state_keys(budget), f"{base}:spent", f"{base}:meta"]
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -351,7 +352,7 @@ class RedisLedger:
 
     @staticmethod
     def _settled(s: Settlement, reply: Any) -> Settled:
-        outcomes = tuple(str(o) for o in reply[1:])
+        outcomes = tuple(str(o) for o in reply)
         if not all(o in _OUTCOMES for o in outcomes):
             raise LedgerError(f"unexpected settle reply {reply!r}")
         return Settled(s.reservation_id, outcomes)  # type: ignore[arg-type]
@@ -396,9 +397,7 @@ class RedisLedger:
         return Renewed(renewed, reheld, missing)
 
     async def usage(self, budget: Budget, limit: int) -> Usage:
-        reply = await self._eval(
-            "usage", self._keys(budget), [budget.period_ms, limit, self.horizon_ms, self.horizon_ms]
-        )
+        reply = await self._eval("usage", self._keys(budget), [budget.period_ms, limit, self.horizon_ms])
         now, window, eff_limit, spent, held, count, purged, _ids = reply
         return Usage(
             budget,

@@ -1,8 +1,8 @@
 -- reset: clear a budget's spend in its current window.
--- KEYS: 7 (see the prelude).   ARGV[1] period ms
+-- KEYS: 8 (see the prelude).   ARGV[1] period ms
 -- Returns the window that was cleared.
 local period = tonumber(ARGV[1])
-if #KEYS ~= 7 or period == nil then
+if #KEYS ~= 8 or period == nil then
   return redis.error_reply('ERR budget reset: bad arguments')
 end
 local now = now_ms()
