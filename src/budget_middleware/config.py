@@ -149,10 +149,10 @@ class BudgetConfig:
     """Everything the middleware needs. Amounts are micro-units, durations milliseconds."""
 
     rules: tuple[Rule, ...] = ()
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
     estimate: int = 0
     max_hold: int | None = None
-    secret: str | None = None
+    secret: str | None = field(default=None, repr=False)
     lease_ms: int = 60_000
     fail_mode: FailMode = "closed"
     exclude: tuple[str, ...] = ()
@@ -349,7 +349,23 @@ def _from_config(env: Config) -> BudgetConfig:
         "journal_dir": raw("BUDGET_JOURNAL"),
         "max_pending": parse("BUDGET_MAX_PENDING", positive),
     }
+    for path in values["exclude"] or ():
+        if not path.startswith("/"):
+            raise ConfigError(
+                f"BUDGET_EXCLUDE={raw('BUDGET_EXCLUDE')!r}: paths must start with '/', got {path!r}"
+            )
+    header = values["charge_header"]
+    if header is not None and not re.fullmatch(r"[a-z0-9-]{1,64}", header):
+        raise ConfigError(f"BUDGET_CHARGE_HEADER={raw('BUDGET_CHARGE_HEADER')!r}: not a header name")
+    lease = values["lease_ms"] or BudgetConfig.lease_ms
+    horizon = values["horizon_ms"] or BudgetConfig.horizon_ms
+    if horizon < lease:
+        raise ConfigError(
+            f"BUDGET_LEASE={raw('BUDGET_LEASE') or '60s'!r} is longer than "
+            f"BUDGET_HORIZON={raw('BUDGET_HORIZON') or '24h'!r}: the horizon must be at least "
+            "the lease"
+        )
     try:
         return BudgetConfig(**{k: v for k, v in values.items() if v is not None})
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(f"BUDGET_*: {exc}") from None

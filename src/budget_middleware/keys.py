@@ -51,7 +51,7 @@ class EntityHasher:
 
     def for_span(self, token: str) -> str:
         """What telemetry may carry for an entity token: never the raw id."""
-        return token if token.startswith("h:") else self.digest(token[2:])
+        return self.digest(token[2:]) if token.startswith("r:") else token
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +163,12 @@ class KeySource:
             from urllib.parse import parse_qsl
 
             qs = scope.get("query_string", b"")
+            # latin-1 maps every percent-escaped byte back to itself: ids that are not UTF-8 are
+            # digested like header bytes, never refused.
             pairs = parse_qsl(
-                qs.decode("latin-1") if isinstance(qs, bytes) else str(qs), keep_blank_values=True
+                qs.decode("latin-1") if isinstance(qs, bytes) else str(qs),
+                keep_blank_values=True,
+                encoding="latin-1",
             )
             return _single([v.encode("latin-1") for k, v in pairs if k == self.name], self)
         if kind == "client":

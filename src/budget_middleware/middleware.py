@@ -390,13 +390,14 @@ class BudgetMiddleware:
             overrides = await found if inspect.isawaitable(found) else found
         wanted: list[tuple[Rule, Budget]] = []
         for rule in self._rules:
-            secret = rule.secret
+            # An id from identify or a key callable stands where the rule's source would: it is a
+            # credential if that source is.
+            secret = rule.secret or (rule.source is not None and rule.source.secret)
             raw: str | bytes | None
             if rule.name in overrides:
                 raw = overrides[rule.name]
             elif rule.source is not None:
                 raw = rule.source.extract(scope)
-                secret = rule.source.secret
             else:
                 assert request is not None
                 assert callable(rule.key)

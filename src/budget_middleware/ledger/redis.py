@@ -49,6 +49,8 @@ def redact_url(url: str) -> str:
     """A Redis URL fit for a log line: credentials in the authority and a ``password`` (or
     ``username``) query parameter replaced by ``***``."""
     parts = urlsplit(url)
+    if not parts.netloc and "@" in url:  # no scheme: "user:password@host:port"
+        return "***@" + url.rpartition("@")[2]
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rpartition("@")[2]
