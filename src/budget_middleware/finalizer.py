@@ -4,6 +4,13 @@ The request path never awaits a settlement: it calls ``submit`` (synchronous, so
 can interrupt it) and goes on. One worker task sends everything pending in one batch as soon as there
 is work, so batches grow by themselves under load and a quiet server settles at once. Failed batches
 are retried with capped backoff; settlements are idempotent, so a retry never double-charges.
+
+With a ``Journal`` (``BUDGET_JOURNAL``), the worker appends every settlement to it before sending it
+and marks it applied afterwards (one write and one fsync per batch, in a worker thread: the request
+path does no file I/O), and at start replays what processes that ended left unapplied. The queue is
+bounded by ``max_pending``: beyond it a settlement is handed to the journal (a second buffer that a
+small task writes out at once) and applied when the queue has room again; without a journal it is
+counted and logged as lost.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, Status, StatusCode
 
 from .amounts import format_micros
+from .journal import Journal
 from .keys import EntityHasher
 from .ledger import Ledger, LedgerError, Reservation, Settled, Settlement
 from .telemetry import ATTR, EVENT_OVERRUN, SPAN_RENEW, SPAN_SETTLE, instruments, tracer
@@ -46,7 +54,11 @@ class Finalizer:
         hasher: EntityHasher | None = None,
         on_settled: Callable[[Settlement, Settled], None] | None = None,
         span_raw_ids: bool = False,
+        journal: Journal | None = None,
+        max_pending: int = 100_000,
     ) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {max_pending!r}")
         self.ledger = ledger
         self.lease_ms = lease_ms
         self.timeout_s = timeout_ms / 1000
@@ -58,11 +70,15 @@ class Finalizer:
         self._span_raw_ids = span_raw_ids
         # A ledger that settles synchronously (memory) is applied in submit: nothing can block it.
         self._settle_now: Callable[[Settlement], Settled] | None = getattr(ledger, "settle_now", None)
+        # ... and needs no journal: a settlement is applied before submit returns.
+        self.journal = journal if self._settle_now is None else None
+        self.max_pending = max_pending
         self._pending: deque[Settlement] = deque()
         self._inflight: dict[str, tuple[Reservation, float]] = {}
         self._wakeup: anyio.Event | None = None
         self._changed: anyio.Event | None = None
         self._busy = False
+        self._batch = 0  # the size of the batch in flight, counted in the bound
         self._wait_until = -1.0  # when the idle worker wakes by itself (monotonic), -1 if busy
         self._renew_failures = 0
         self._stopping = False
@@ -70,10 +86,24 @@ class Finalizer:
         self._running = False
         self._task: asyncio.Task[None] | None = None
         self._task_loop: asyncio.AbstractEventLoop | None = None
+        self._scope: anyio.CancelScope | None = None
+        # Journal state. The last ``_unjournaled`` pending settlements are not in the journal yet
+        # (new ones are appended on the right; journaled ones, requeued or replayed, go left).
+        self._unjournaled = 0
+        self._marks: list[str] = []  # ids applied, to mark in the journal with the next write
+        self._spill: list[Settlement] = []  # over the bound: for the spill task to journal
+        self._spilling = 0
+        self._spill_wakeup: anyio.Event | None = None
+        self._spill_logged = -1e9
+        self._backlog = False  # the own journal file may hold settlements not in memory
+        self._journal_failed = False
+        self._journal_gap = False  # a write failed: some pending ones may be missing from it
         # Counters for operators and tests.
         self.applied = 0
         self.retries = 0
         self.lost = 0
+        self.journaled = 0  # deferred to the journal: over the bound, or unapplied at shutdown
+        self.replayed = 0  # loaded back from the journal (processes that ended, or spilled)
         self.outcomes: dict[str, int] = {}
 
     # -- the request path's side: synchronous, never awaits ------------------------------------
@@ -97,13 +127,38 @@ class Finalizer:
             else:
                 self._record(settlement, result, started)
                 return
+        if len(self._pending) + self._batch >= self.max_pending:
+            self._overflow(settlement)
+            return
         self._pending.append(settlement)
+        self._unjournaled += 1
         instruments().queue.add(1)
         if self._stopped:
             self._drop_pending("a settlement arrived after shutdown")
         elif self._wakeup is not None:
             self._wakeup.set()
         self._notify()
+
+    def _overflow(self, settlement: Settlement) -> None:
+        """The queue is full: hand the settlement to the spill task, which journals it (memory stays
+        bounded by twice ``max_pending`` even if the disk stalls); without a journal, it is lost."""
+        if self.journal is not None and len(self._spill) < self.max_pending and not self._stopped:
+            self._spill.append(settlement)
+            if self._spill_wakeup is not None:
+                self._spill_wakeup.set()
+            return
+        self.lost += 1
+        instruments().lost.add(1)
+        logger.error(
+            "budget: settlement %s (actual %s, reason %s) lost: %d settlements are pending, the "
+            "bound (BUDGET_MAX_PENDING) is %d%s",
+            settlement.reservation_id,
+            format_micros(settlement.actual),
+            settlement.reason,
+            len(self._pending) + self._batch,
+            self.max_pending,
+            "" if self.journal is None else " and the journal is not keeping up",
+        )
 
     @property
     def pending(self) -> int:
@@ -132,37 +187,58 @@ class Finalizer:
         self._task = loop.create_task(self.run(), name="budget-finalizer")
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """The worker loop; returns after ``drain`` once everything pending is applied."""
+        """The worker; returns after ``drain`` once everything pending is applied (or journaled).
+
+        With a journal, it first takes over the journals of processes that ended."""
         self._wakeup = anyio.Event()
         self._running = True
         self._stopping = False
         self._stopped = False
-        task_status.started()
-        failures = 0
         try:
-            while True:
-                if not self._pending and not self._stopping:
-                    self._notify()
-                    wait = self._seconds_to_next_renewal()
-                    self._wait_until = time.monotonic() + wait
-                    with anyio.move_on_after(wait):
-                        await self._wakeup.wait()
-                    self._wait_until = -1.0
-                    self._wakeup = anyio.Event()
-                if self._stopping and not self._pending:
-                    break
-                ok = await self._flush()
-                await self._renew_due()
-                self._notify()
-                if ok:
-                    failures = 0
-                    continue
-                failures += 1
-                delay = min(self.retry_cap_s, self.retry_base_s * 2 ** min(failures, 16))
-                await anyio.sleep(delay * (0.5 + random.random() / 2))
+            with anyio.CancelScope() as self._scope:
+                if self.journal is not None:
+                    await self._claim()
+                task_status.started()
+                async with anyio.create_task_group() as tg:
+                    if self.journal is not None:
+                        tg.start_soon(self._spill_task)
+                    await self._work()
+                    tg.cancel_scope.cancel()
         finally:
+            self._scope = None
             self._running = False
             self._notify()
+
+    async def _work(self) -> None:
+        failures = 0
+        while True:
+            if self._marks and self._idle():
+                await self._journal_step()  # make the applied marks durable while it is quiet
+            if self._idle():
+                self._notify()
+                wait = self._seconds_to_next_renewal()
+                self._wait_until = time.monotonic() + wait
+                assert self._wakeup is not None
+                with anyio.move_on_after(wait):
+                    await self._wakeup.wait()
+                self._wait_until = -1.0
+                self._wakeup = anyio.Event()
+            if self._stopping and not self._pending:
+                return
+            if self.journal is not None:
+                await self._journal_step()
+            ok = await self._flush()
+            await self._renew_due()
+            self._notify()
+            if ok:
+                failures = 0
+                continue
+            failures += 1
+            delay = min(self.retry_cap_s, self.retry_base_s * 2 ** min(failures, 16))
+            await anyio.sleep(delay * (0.5 + random.random() / 2))
+
+    def _idle(self) -> bool:
+        return not self._pending and not self._stopping and not self._backlog
 
     def _notify(self) -> None:
         """Wake everyone waiting in ``wait_idle`` to look at the state again."""
@@ -177,7 +253,7 @@ class Finalizer:
         """Wait until nothing is pending (and, with ``requests``, no admitted request is still
         running): True, or False when ``timeout_s`` passes first."""
         with anyio.move_on_after(timeout_s):
-            while self._pending or self._busy or (requests and self._inflight):
+            while self._unsettled() or (requests and self._inflight):
                 if self._wakeup is not None:
                     self._wakeup.set()
                 if self._changed is None:
@@ -186,10 +262,15 @@ class Finalizer:
             return True
         return False
 
+    def _unsettled(self) -> bool:
+        backlog = self._backlog and not self._stopping  # a stopping worker loads no more of it
+        return bool(self._pending or self._busy or self._spill or self._spilling or backlog)
+
     async def drain(self, timeout_s: float) -> int:
         """Shut down: wait, within ``timeout_s``, for running requests to hand over their
-        settlements and for everything pending to be applied; then stop. Returns what was lost."""
-        if not self._worker_alive() and self._pending:
+        settlements and for everything pending to be applied; then stop. Returns what was lost:
+        with a journal, what is still unapplied stays in it for the next start instead."""
+        if not self._worker_alive() and self._unsettled():
             self.ensure_running()  # a worker that never started: start it to apply what waits
         await self.wait_idle(timeout_s, requests=True)
         self._stopping = True
@@ -197,6 +278,14 @@ class Finalizer:
             self._wakeup.set()
         with anyio.move_on_after(0.5):
             await self.wait_idle(0.5)
+        # Stop the worker (a batch in flight goes back to the queue) so what is left is counted.
+        if self._scope is not None:
+            self._scope.cancel()
+        with anyio.move_on_after(2):
+            while self._running:
+                if self._changed is None:
+                    self._changed = anyio.Event()
+                await self._changed.wait()
         self._stopped = True
         if self._inflight:
             logger.error(
@@ -210,7 +299,19 @@ class Finalizer:
         return left
 
     def _drop_pending(self, why: str) -> int:
-        left = len(self._pending)
+        """After shutdown: journal what is unapplied (synchronously: the worker is gone), or count
+        it as lost. Closing the journal unlocks its file for the next start to replay."""
+        if self.journal is not None and self._shelve(why):
+            return 0
+        return self._count_lost(why)
+
+    def _count_lost(self, why: str) -> int:
+        self._unjournaled = 0
+        spill, self._spill = self._spill, []
+        left = len(self._pending) + len(spill)
+        if spill:
+            self._pending.extend(spill)
+            instruments().queue.add(len(spill))
         if left:
             self.lost += left
             instruments().lost.add(left)
@@ -226,6 +327,154 @@ class Finalizer:
             self._pending.clear()
         return left
 
+    def _shelve(self, why: str) -> bool:
+        journal = self.journal
+        assert journal is not None
+        pending = list(self._pending)
+        fresh = pending if self._journal_gap else self._fresh()  # a duplicate is harmless
+        spill, marks = self._spill, self._marks
+        left = len(pending) + len(spill)
+        try:
+            journal.write([*fresh, *spill], marks)
+        except OSError as exc:
+            logger.error("budget: the journal cannot be written (%s)", exc)
+            journal.close()
+            return False
+        self._spill, self._marks, self._unjournaled, self._journal_gap = [], [], 0, False
+        self._pending.clear()
+        instruments().queue.add(-len(pending))
+        journal.close()
+        if left or self._backlog:
+            self.journaled += left
+            logger.warning(
+                "budget: %s with %d settlements unapplied (%s in actual cost)%s; they stay in the "
+                "journal in %s and are applied at the next start",
+                why,
+                left,
+                format_micros(sum(s.actual for s in (*pending, *spill))),
+                " and more spilled earlier" if self._backlog else "",
+                journal.directory,
+            )
+        self._backlog = False
+        return True
+
+    # -- the journal, on the worker's side --------------------------------------------------------
+
+    async def _claim(self) -> None:
+        """Take over the journals of processes that ended; the loop loads them (bounded)."""
+        assert self.journal is not None
+        try:
+            claimed = await anyio.to_thread.run_sync(self.journal.claim)
+        except OSError:
+            logger.exception("budget: the journal in %s cannot be replayed", self.journal.directory)
+            return
+        if claimed:
+            logger.warning(
+                "budget: replaying %d settlements left unapplied by processes that ended", claimed
+            )
+            self._backlog = True
+
+    def _fresh(self) -> list[Settlement]:
+        """The pending settlements not journaled yet: the last ``_unjournaled`` (read from the right
+        end of the deque, which is quick there)."""
+        q = self._pending
+        return [q[-i] for i in range(min(self._unjournaled, len(q)), 0, -1)]
+
+    async def _journal_step(self) -> None:
+        """Before a batch is sent: load spilled or replayed settlements when no journaled one is in
+        memory (so none is loaded twice) and the queue has room; then journal the new settlements
+        and the applied marks, in one write and one fsync, shielded so bookkeeping stays exact."""
+        journal = self.journal
+        assert journal is not None
+        marks, self._marks = self._marks, []
+        loadable = (
+            self._backlog
+            and not self._stopping
+            and not self._busy
+            and len(self._pending) == self._unjournaled
+            and len(self._pending) < self.max_pending
+        )
+        fresh = self._fresh()
+        if not (loadable or fresh or marks):
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                if fresh or marks:
+                    await anyio.to_thread.run_sync(journal.write, fresh, marks)
+                    self._unjournaled = max(0, self._unjournaled - len(fresh))
+                if loadable:
+                    self._backlog = False
+                    room = self.max_pending - len(self._pending)
+                    loaded, more = await anyio.to_thread.run_sync(journal.unapplied, room + len(fresh))
+                    queued = {s.reservation_id for s in fresh}  # just written, and in memory
+                    self._load([s for s in loaded if s.reservation_id not in queued], more)
+            except OSError as exc:
+                self._backlog = False  # what is in the file is replayed at the next start
+                self._marks[:0] = marks
+                self._journal_gap = True
+                if not self._journal_failed:
+                    logger.error("budget: the journal cannot be written or read (%s)", exc)
+                self._journal_failed = True
+                return
+        if self._journal_failed:
+            logger.warning("budget: the journal works again")
+            self._journal_failed = False
+
+    def _load(self, loaded: list[Settlement], more: bool) -> None:
+        room = max(0, self.max_pending - len(self._pending))  # requests kept submitting meanwhile
+        if len(loaded) > room:
+            loaded, more = loaded[:room], True
+        self._backlog = self._backlog or more
+        if loaded:
+            self._pending.extendleft(reversed(loaded))
+            self.replayed += len(loaded)
+            instruments().queue.add(len(loaded))
+
+    async def _spill_task(self) -> None:
+        """Journals what ``submit`` could not queue, as soon as it comes; the worker loads it back
+        once the queue has room."""
+        journal = self.journal
+        assert journal is not None
+        while True:
+            if not self._spill:
+                self._spill_wakeup = anyio.Event()
+                await self._spill_wakeup.wait()
+                continue
+            batch, self._spill = self._spill, []
+            self._spilling = len(batch)
+            with anyio.CancelScope(shield=True):
+                try:
+                    await anyio.to_thread.run_sync(journal.write, batch, ())
+                except OSError as exc:
+                    self.lost += len(batch)
+                    instruments().lost.add(len(batch))
+                    logger.error(
+                        "budget: %d settlements over the pending bound lost (%s in actual cost): "
+                        "the journal cannot be written (%s); ids %s",
+                        len(batch),
+                        format_micros(sum(s.actual for s in batch)),
+                        exc,
+                        ", ".join(s.reservation_id for s in batch),
+                    )
+                else:
+                    self.journaled += len(batch)
+                    self._backlog = True
+                    now = time.monotonic()
+                    if now - self._spill_logged > 10:
+                        self._spill_logged = now
+                        logger.warning(
+                            "budget: the settlement queue is full (%d, BUDGET_MAX_PENDING); "
+                            "settlements go to the journal and are applied when it has room "
+                            "(%d so far)",
+                            self.max_pending,
+                            self.journaled,
+                        )
+                finally:
+                    self._spilling = 0
+            if self._wakeup is not None:
+                self._wakeup.set()
+            self._notify()
+
     # -- the worker's side ---------------------------------------------------------------------
 
     def _seconds_to_next_renewal(self) -> float:
@@ -238,7 +487,9 @@ class Finalizer:
         if not self._pending:
             return True
         batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+        self._unjournaled = min(self._unjournaled, len(self._pending))
         self._busy = True
+        self._batch = len(batch)
         started = time.time_ns()
         t0 = time.perf_counter()
         try:
@@ -247,11 +498,15 @@ class Finalizer:
         except (LedgerError, TimeoutError) as exc:
             self._requeue(batch, exc)
             return False
+        except anyio.get_cancelled_exc_class():
+            self._requeue(batch, None)  # stopped mid-batch: count it with what is left
+            raise
         except Exception as exc:  # a bug, not an outage: isolate the settlement that causes it
             logger.exception("budget: settle batch failed unexpectedly; retrying one by one")
             return await self._settle_each(batch, exc)
         finally:
             self._busy = False
+            self._batch = 0
         instruments().ledger_duration.record(time.perf_counter() - t0, {ATTR.OPERATION: "settle"})
         instruments().queue.add(-len(batch))
         for s, r in zip(batch, results, strict=True):
@@ -260,10 +515,13 @@ class Finalizer:
 
     async def _settle_each(self, batch: list[Settlement], first: Exception) -> bool:
         ok = True
-        for s in batch:
+        for n, s in enumerate(batch):
             try:
                 with anyio.fail_after(self.timeout_s):
                     (result,) = await self.ledger.settle_many([s])
+            except anyio.get_cancelled_exc_class():
+                self._requeue(batch[n:], None)
+                raise
             except (LedgerError, TimeoutError) as exc:
                 self._requeue([s], exc)
                 ok = False
@@ -275,12 +533,17 @@ class Finalizer:
                 self.lost += 1
                 instruments().lost.add(1)
                 instruments().queue.add(-1)
+                if self.journal is not None:
+                    self._marks.append(s.reservation_id)  # or every start would fail on it again
                 continue
             instruments().queue.add(-1)
             self._record(s, result, time.time_ns())
         return ok
 
-    def _requeue(self, batch: list[Settlement], exc: BaseException) -> None:
+    def _requeue(self, batch: list[Settlement], exc: BaseException | None) -> None:
+        if exc is None:
+            self._pending.extendleft(reversed(batch))
+            return
         self.retries += 1
         for s in reversed(batch):
             s.attempts += 1
@@ -292,6 +555,8 @@ class Finalizer:
     def _record(self, s: Settlement, result: Settled, started_ns: int) -> None:
         outcome = result.outcome
         self.applied += 1
+        if self.journal is not None:
+            self._marks.append(s.reservation_id)
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         inst = instruments()
         inst.settlements.add(1, {ATTR.REASON: s.reason, ATTR.OUTCOME: outcome})

@@ -26,6 +26,7 @@ from .config import BudgetConfig, Rule
 from .costs import EstimateError, Estimator, estimate_micros
 from .finalizer import Finalizer
 from .handle import RequestBudget, get_reservation
+from .journal import Journal
 from .keys import AmbiguousEntity, Budget, EntityHasher
 from .ledger import (
     HeldBudget,
@@ -105,6 +106,8 @@ class BudgetMiddleware:
             timeout_ms=self.config.timeout_ms,
             hasher=self.hasher,
             span_raw_ids=self.config.span_raw_ids,
+            journal=Journal(self.config.journal_dir) if self.config.journal_dir else None,
+            max_pending=self.config.max_pending,
         )
         self._estimator = estimate
         self._identify = identify
