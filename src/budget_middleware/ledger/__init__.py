@@ -21,13 +21,21 @@ from ._types import (
     id_time_ms,
     new_reservation_id,
 )
+from .cluster import RedisClusterLedger
 from .memory import MemoryLedger
 from .redis import RedisLedger, redact_url
+from .sentinel import RedisSentinelLedger
 
 
 def redis_ledger_from_url(url: str, **options: Any) -> RedisLedger:
     """The Redis ledger for a ``BUDGET_REDIS_URL``: standalone (``redis://``, ``rediss://``,
-    ``unix://``); Sentinel and Cluster URLs are added by their own modules."""
+    ``unix://``), ``redis+cluster://host:port[,host:port...]`` (``RedisClusterLedger``) or
+    ``redis+sentinel://host:port[,host:port...]/<service>`` (``RedisSentinelLedger``)."""
+    scheme = url.partition("://")[0].lower()
+    if scheme == "redis+cluster":
+        return RedisClusterLedger(url, **options)
+    if scheme == "redis+sentinel":
+        return RedisSentinelLedger(url, **options)
     return RedisLedger(url, **options)
 
 
@@ -38,7 +46,9 @@ __all__ = [
     "LedgerError",
     "LedgerUnavailable",
     "MemoryLedger",
+    "RedisClusterLedger",
     "RedisLedger",
+    "RedisSentinelLedger",
     "Rejection",
     "Renewed",
     "Reservation",

@@ -45,6 +45,9 @@ DAY_MS = 86_400_000
 _OUTCOMES: frozenset[str] = frozenset({"applied", "late", "recovered", "duplicate", "stale"})
 
 
+_SECRET_PARAMS = ("password", "user", "token", "secret", "auth", "key")
+
+
 def redact_url(url: str) -> str:
     """A Redis URL fit for a log line: credentials in the authority and a ``password`` (or
     ``username``) query parameter replaced by ``***``."""
@@ -58,7 +61,7 @@ def redact_url(url: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = "&".join(
-            f"{k}=***" if k.lower() in ("password", "username", "user") else f"{k}={v}" for k, v in pairs
+            f"{k}=***" if any(w in k.lower() for w in _SECRET_PARAMS) else f"{k}={v}" for k, v in pairs
         )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
@@ -80,6 +83,8 @@ def _load_scripts() -> dict[str, _Script]:
 
 def _wrap(exc: BaseException) -> LedgerError:
     if isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError)):
+        return LedgerUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}")
+    if isinstance(exc, (rexc.ClusterDownError, rexc.TryAgainError, rexc.ReadOnlyError)):
         return LedgerUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}")
     return LedgerError(f"redis error: {type(exc).__name__}: {exc}")
 
@@ -123,7 +128,7 @@ class RedisLedger:
         self._flushes: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
-        return f"RedisLedger({redact_url(self.url) if self.url else 'client'!r})"
+        return f"{type(self).__name__}({redact_url(self.url) if self.url else 'client'!r})"
 
     # -- connection ----------------------------------------------------------------------------
 

@@ -1,0 +1,123 @@
+"""The Redis ledger behind Redis Sentinel: ``redis+sentinel://host:port[,host:port]/<service>``.
+
+The client asks the Sentinels for the service's primary before every new connection, so after a
+failover it reaches the new primary by itself; a connection still open to a demoted primary fails
+with a ``READONLY`` reply, which redis-py turns into a reconnect. While no primary is reachable the
+ledger raises ``LedgerUnavailable`` (and the middleware applies its fail mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+
+from .cluster import parse_multi_host_url
+from .redis import RedisLedger, redact_url
+
+__all__ = ["RedisSentinelLedger"]
+
+# No secret may go in a parameter that ``redact_url`` does not mask (it masks ``password`` and
+# ``username``): the Sentinels' own credentials are the ``sentinel_auth`` flag (reuse the primary's)
+# or constructor arguments.
+_SENTINEL_PARAMS = frozenset({"db", "username", "password", "ssl", "sentinel_auth"})
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """A Sentinel-managed pool that waits for a free connection instead of failing (as the
+    standalone ledger's ``BlockingConnectionPool`` does)."""
+
+
+class RedisSentinelLedger(RedisLedger):
+    """A ledger on the primary that Redis Sentinel names for a service.
+
+    ``redis+sentinel://[user:password@]host:port[,host:port...]/<service>[?db=N]``: the
+    ``host:port`` pairs are Sentinels (default port 26379). Credentials in the authority, or
+    ``username``/``password`` parameters, are for the Redis primary; ``sentinel_auth=true`` sends
+    the same credentials to the Sentinels, or pass ``sentinel_username``/``sentinel_password``;
+    ``ssl=true`` for TLS to the primary.
+
+    Everything else is the standalone ledger: one atomic script per operation on all the budgets of
+    a request. Writes acknowledged by a primary that dies before replicating them are lost with it;
+    ``wait_replicas`` narrows that window, and a settle that finds its state gone is ``recovered``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        sentinel_username: str | None = None,
+        sentinel_password: str | None = None,
+        **options: Any,
+    ) -> None:
+        parsed = parse_multi_host_url(
+            url, "redis+sentinel", default_port=26379, allowed=_SENTINEL_PARAMS
+        )
+        service, _, rest = parsed.path.strip("/").partition("/")
+        if not service or rest:
+            raise ValueError("redis+sentinel:// URL: name the service as the path: .../<service>")
+        db_text = parsed.query.get("db", "0")
+        if not db_text.isdigit():
+            raise ValueError(f"redis+sentinel:// URL: db must be a number, got {db_text!r}")
+        self.service = service
+        self._sentinels = parsed.hosts
+        self._db = int(db_text)
+        self._options = parsed.connection_options()
+        self._sentinel_options: dict[str, Any] = {}
+        if parsed.flag("sentinel_auth"):
+            self._sentinel_options.update(
+                {k: v for k, v in self._options.items() if k in ("username", "password")}
+            )
+        if sentinel_username is not None:
+            self._sentinel_options["username"] = sentinel_username
+        if sentinel_password is not None:
+            self._sentinel_options["password"] = sentinel_password
+        self._sentinel: Sentinel | None = None
+        super().__init__(url, **options)
+
+    def __repr__(self) -> str:
+        return f"RedisSentinelLedger({redact_url(self.url or '')!r})"
+
+    def _connect(self) -> aioredis.Redis:
+        timeouts = {
+            "socket_timeout": self._socket_timeout,
+            "socket_connect_timeout": self._socket_timeout,
+        }
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(self._sentinels),
+            # No retries against one Sentinel (redis-py's default client retries ten times with
+            # backoff, seconds per Sentinel that is down): asking the next Sentinel is the retry.
+            sentinel_kwargs={
+                **timeouts,
+                "decode_responses": True,
+                "retry": Retry(NoBackoff(), 0),
+                **self._sentinel_options,
+            },
+        )
+        client: aioredis.Redis = self._sentinel.master_for(
+            self.service,
+            redis_class=aioredis.Redis,
+            connection_pool_class=_BlockingSentinelPool,
+            max_connections=self.max_connections,
+            timeout=self._socket_timeout,
+            decode_responses=True,
+            health_check_interval=30,
+            db=self._db,
+            **timeouts,
+            **self._options,
+        )
+        return client
+
+    async def aclose(self) -> None:
+        sentinel, self._sentinel = self._sentinel, None
+        try:
+            await super().aclose()
+        finally:
+            if sentinel is not None:
+                with contextlib.suppress(rexc.RedisError, OSError, RuntimeError):
+                    await sentinel.aclose()
