@@ -566,30 +566,29 @@ class Finalizer:
         links = []
         if isinstance(s.context, SpanContext) and s.context.is_valid:
             links.append(Link(s.context))
-        attrs: dict[str, Any] = {
-            ATTR.RESERVATION_ID: s.reservation_id,
-            ATTR.REASON: s.reason,
-            ATTR.ESTIMATE: s.estimate,
-            ATTR.ACTUAL: s.actual,
-            ATTR.RELEASED: max(0, s.estimate - s.actual),
-            ATTR.OUTCOME: outcome,
-            ATTR.LATE: outcome == "late",
-            ATTR.RETRIES: s.attempts,
-            ATTR.RULES: [hb.budget.rule for hb in s.holds],
-            ATTR.ENTITIES: [
-                hb.budget.entity if self._span_raw_ids else self._hasher.for_span(hb.budget.entity)
-                for hb in s.holds
-            ],
-        }
-        if s.trace_id:
-            attrs[ATTR.TRACE_ID] = s.trace_id
-        if s.actual > s.estimate:
-            attrs[ATTR.OVERRUN] = s.actual - s.estimate
-        span = tracer.start_span(
-            SPAN_SETTLE, context=_ROOT, links=links, attributes=attrs, start_time=started_ns
-        )
-        if s.actual > s.estimate:
-            span.add_event(EVENT_OVERRUN, {ATTR.OVERRUN: s.actual - s.estimate})
+        span = tracer.start_span(SPAN_SETTLE, context=_ROOT, links=links, start_time=started_ns)
+        if span.is_recording():  # build attributes only for a span somebody records
+            attrs: dict[str, Any] = {
+                ATTR.RESERVATION_ID: s.reservation_id,
+                ATTR.REASON: s.reason,
+                ATTR.ESTIMATE: s.estimate,
+                ATTR.ACTUAL: s.actual,
+                ATTR.RELEASED: max(0, s.estimate - s.actual),
+                ATTR.OUTCOME: outcome,
+                ATTR.LATE: outcome == "late",
+                ATTR.RETRIES: s.attempts,
+                ATTR.RULES: [hb.budget.rule for hb in s.holds],
+                ATTR.ENTITIES: [
+                    hb.budget.entity if self._span_raw_ids else self._hasher.for_span(hb.budget.entity)
+                    for hb in s.holds
+                ],
+            }
+            if s.trace_id:
+                attrs[ATTR.TRACE_ID] = s.trace_id
+            if s.actual > s.estimate:
+                attrs[ATTR.OVERRUN] = s.actual - s.estimate
+                span.add_event(EVENT_OVERRUN, {ATTR.OVERRUN: s.actual - s.estimate})
+            span.set_attributes(attrs)
         span.end()
         if outcome in ("recovered", "stale"):
             logger.warning(

@@ -32,12 +32,13 @@ def validate_name(name: str, what: str) -> str:
 class EntityHasher:
     """Turns raw entity ids into key-safe tokens and span-safe digests."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("_key", "_span_cache")
 
     def __init__(self, secret: str | bytes | None = None) -> None:
         if isinstance(secret, str):
             secret = secret.encode()
         self._key = secret or _DEFAULT_KEY
+        self._span_cache: dict[str, str] = {}
 
     def digest(self, raw: str | bytes) -> str:
         data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
@@ -51,7 +52,14 @@ class EntityHasher:
 
     def for_span(self, token: str) -> str:
         """What telemetry may carry for an entity token: never the raw id."""
-        return self.digest(token[2:]) if token.startswith("r:") else token
+        if not token.startswith("r:"):
+            return token
+        cached = self._span_cache.get(token)
+        if cached is None:
+            if len(self._span_cache) >= 4096:
+                self._span_cache.clear()
+            cached = self._span_cache[token] = self.digest(token[2:])
+        return cached
 
 
 @dataclass(frozen=True, slots=True)

@@ -514,6 +514,19 @@ class RedisClusterLedger(RedisLedger):
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result
+        # A failure on one node can make redis-py reset the whole cluster client, so the release
+        # to a healthy node may fail once with it: try that release again a few times, briefly.
+        for delay in (0.05, 0.2, 0.5):
+            if not (held and isinstance(results[0], LedgerUnavailable)):
+                break
+            await asyncio.sleep(delay)
+            retry = await asyncio.gather(
+                self.settle_many([self._blind(reservation_id, holds, held)]),
+                return_exceptions=True,
+            )
+            if isinstance(retry[0], BaseException) and not isinstance(retry[0], Exception):
+                raise retry[0]
+            results[0] = retry[0]
         if held and isinstance(results[0], Exception):
             logger.warning(
                 "budget: could not release the holds of reservation %s on other slots (%s)",

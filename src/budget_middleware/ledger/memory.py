@@ -129,6 +129,12 @@ class MemoryLedger:
     async def reserve(
         self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
     ) -> Reservation | Rejection:
+        return self.reserve_now(reservation_id, holds, lease_ms)
+
+    def reserve_now(
+        self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
+    ) -> Reservation | Rejection:
+        """Reserve synchronously: nothing here can block or be cancelled halfway."""
         if not holds:
             raise ValueError("reserve needs at least one hold")
         if not 0 < lease_ms <= self.horizon_ms:

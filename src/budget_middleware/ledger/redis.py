@@ -123,6 +123,7 @@ class RedisLedger:
         self._scripts = _load_scripts()
         self._checked = False
         self.coalesce = coalesce
+        self._key_cache: dict[Budget, list[str]] = {}
         self.max_connections = max_connections
         self._reserve_queue: list[tuple[tuple[str, list[str], list[Any]], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
@@ -244,8 +245,15 @@ class RedisLedger:
         return results
 
     def _keys(self, budget: Budget) -> list[str]:
-        base = self.layout.base(budget)
-        return [*self.layout.state_keys(budget), f"{base}:spent", f"{base}:meta"]
+        """The 8 keys of a budget, in script order (cached: budgets repeat across requests)."""
+        keys = self._key_cache.get(budget)
+        if keys is None:
+            if len(self._key_cache) >= 8192:
+                self._key_cache.clear()
+            base = self.layout.base(budget)
+            keys = [*self.layout.state_keys(budget), f"{base}:spent", f"{base}:meta"]
+            self._key_cache[budget] = keys
+        return keys
 
     # -- operations ----------------------------------------------------------------------------
 

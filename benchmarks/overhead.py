@@ -1,0 +1,1075 @@
+"""HTTP overhead of BudgetMiddleware: bare Starlette vs the memory ledger vs a real redis-server.
+
+One trivial endpoint (``GET /`` answering ``{"ok":true}``; the metered configurations also call
+``get_reservation(request).charge("0.000001")``, so every request ends in a settlement with a
+reported cost) is measured in up to three ways, every configuration side by side in one run:
+
+1. Over HTTP: each configuration is served by uvicorn (one worker, ``--no-access-log``, the asyncio
+   loop and the h11 parser unless uvloop / httptools are installed) in a subprocess on a free port,
+   driven by ``wrk --latency`` (a short warm-up run first). A wrk Lua script sets ``x-user`` per
+   request, round robin over ``--users`` ids ("spread"); the "hot" variants send one id. Requests/s,
+   p50 and p99 come from wrk; server CPU per request from ``/proc/<pid>/stat`` of the uvicorn
+   process and, for Redis, from ``INFO cpu`` of the redis-server.
+2. In-process, without the network: the same ASGI app driven directly with hand-written
+   ``receive``/``send`` (``--inproc-requests`` requests over ``--inproc-concurrency`` tasks, after
+   its lifespan startup), timed with ``time.process_time()`` until the finalizer is idle, so the
+   settlement work (the Redis pipeline, spans) is inside the clock. Reported as CPU microseconds
+   per request and as what each configuration adds over bare.
+3. Optionally (``--callgrind``, slow: minutes) the same in-process loop under valgrind's callgrind,
+   as instructions per request: a count that CPU contention from other processes cannot inflate.
+
+The rule is ``header:x-user`` with a limit of 10^9 units a day, so nothing is ever rejected; the
+estimate is 0.00001 (10 micro-units), above the charge, so no request overruns. With two or more
+CPUs the uvicorn process gets the last CPU to itself and wrk + redis-server share the others
+(``--no-pin`` turns that off). ``--rounds N`` repeats the HTTP runs N times, interleaved, and
+shows the best run of each configuration (the least disturbed by other processes; a "server CPU
+util" well below 100% says the server did not get its CPU to itself). "bare/this server CPU" is
+the throughput ratio the server CPU per request implies for a server that is CPU-bound.
+
+    .venv/bin/python benchmarks/overhead.py                    # starts its own redis-server
+    .venv/bin/python benchmarks/overhead.py --rounds 2 --duration 6 --tracing --profile
+    .venv/bin/python benchmarks/overhead.py --no-http --no-inproc --callgrind --tracing
+    .venv/bin/python benchmarks/overhead.py --redis-url redis://localhost:6379/15 --duration 5
+
+With ``--redis-url`` nothing is flushed: the benchmark's keys (prefix ``overheadbench``) stay
+until their TTLs (lease + horizon, a day) run out. ``--tracing`` adds the memory configuration with
+an OpenTelemetry SDK ``TracerProvider`` + ``BatchSpanProcessor`` and an exporter that drops spans.
+``--profile`` runs cProfile (Python functions only, so C calls are not traced) over the in-process
+loop and prints the package's hottest functions; its per-request times include the profiler's own
+overhead, which weighs most on functions that make many small calls: read them as a ranking.
+
+This file is also the uvicorn app factory (``overhead:create_app``, configured by ``OVERHEAD_*``
+environment variables); that is how the server subprocesses load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import pstats
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from budget_middleware import (
+    BudgetConfig,
+    BudgetMiddleware,
+    Finalizer,
+    MemoryLedger,
+    RedisLedger,
+    Rule,
+    get_reservation,
+)
+from budget_middleware.keys import EntityHasher
+
+BENCH_DIR = Path(__file__).resolve().parent
+HEADER = "x-user"
+LIMIT = "1000000000"  # units a day: nothing is ever rejected
+ESTIMATE = "0.00001"  # held per request (10 micro-units)
+CHARGE = "0.000001"  # reported per request (1 micro-unit): a settlement with a reported cost
+PREFIX = "overheadbench"
+
+# -- the app (also loaded by the uvicorn subprocesses through create_app) -----------------------
+
+
+def budget_config(redis_url: str | None) -> BudgetConfig:
+    return BudgetConfig(
+        rules=(Rule("bench", f"header:{HEADER}", LIMIT, "1d"),),
+        redis_url=redis_url,
+        estimate=10,
+        prefix=PREFIX,
+    )
+
+
+@dataclass
+class Built:
+    app: Starlette
+    finalizer: Finalizer | None
+    ledger: MemoryLedger | RedisLedger | None
+
+
+def build_app(backend: str, redis_url: str | None = None) -> Built:
+    """``backend``: bare (no middleware), memory, or redis."""
+    metered = backend != "bare"
+
+    async def endpoint(request: Request) -> JSONResponse:
+        if metered:
+            get_reservation(request).charge(CHARGE)
+        return JSONResponse({"ok": True})
+
+    finalizer: Finalizer | None = None
+    ledger: MemoryLedger | RedisLedger | None = None
+    middleware: list[Middleware] = []
+    if metered:
+        config = budget_config(redis_url if backend == "redis" else None)
+        if backend == "redis":
+            if not redis_url:
+                raise SystemExit("the redis configuration needs a redis url")
+            ledger = RedisLedger(redis_url, prefix=PREFIX, horizon_ms=config.horizon_ms)
+        else:
+            ledger = MemoryLedger(horizon_ms=config.horizon_ms)
+        # Made here, not by the middleware, so the benchmark can wait for it to go idle.
+        finalizer = Finalizer(
+            ledger,
+            lease_ms=config.lease_ms,
+            timeout_ms=config.timeout_ms,
+            hasher=EntityHasher(config.secret),
+        )
+        middleware.append(
+            Middleware(BudgetMiddleware, config=config, ledger=ledger, finalizer=finalizer)
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        # The middleware drains the finalizer before the app's shutdown runs: the counts are final.
+        if finalizer is not None and os.environ.get("OVERHEAD_STATS"):
+            stats = {
+                "applied": finalizer.applied,
+                "outcomes": finalizer.outcomes,
+                "lost": finalizer.lost,
+                "spans": _exported_spans(),
+            }
+            print("OVERHEAD-STATS " + json.dumps(stats), file=sys.stderr, flush=True)
+
+    app = Starlette(routes=[Route("/", endpoint)], middleware=middleware, lifespan=lifespan)
+    return Built(app, finalizer, ledger)
+
+
+_EXPORTER: Any = None
+
+
+def enable_tracing() -> None:
+    """The OTel SDK: a TracerProvider with a BatchSpanProcessor and an exporter that drops spans."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class CountingExporter(SpanExporter):
+        def __init__(self) -> None:
+            self.count = 0
+
+        def export(self, spans: Any) -> SpanExportResult:
+            self.count += len(spans)
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            return None
+
+    global _EXPORTER
+    _EXPORTER = CountingExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(_EXPORTER))
+    trace.set_tracer_provider(provider)
+
+
+def _exported_spans() -> int | None:
+    if _EXPORTER is None:
+        return None
+    from opentelemetry import trace
+
+    provider: Any = trace.get_tracer_provider()
+    provider.force_flush()
+    return int(_EXPORTER.count)
+
+
+def create_app() -> Starlette:
+    """The uvicorn factory: ``OVERHEAD_BACKEND``, ``OVERHEAD_REDIS_URL``, ``OVERHEAD_TRACING``."""
+    if os.environ.get("OVERHEAD_TRACING") == "1":
+        enable_tracing()
+    backend = os.environ.get("OVERHEAD_BACKEND", "bare")
+    return build_app(backend, os.environ.get("OVERHEAD_REDIS_URL") or None).app
+
+
+# -- configurations ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cfg:
+    name: str
+    backend: str  # bare | memory | redis
+    users: int
+    tracing: bool = False
+
+
+def configurations(args: argparse.Namespace) -> list[Cfg]:
+    cfgs = [
+        Cfg("bare", "bare", args.users),
+        Cfg("memory", "memory", args.users),
+        Cfg("redis", "redis", args.users),
+    ]
+    if args.hot:
+        cfgs += [Cfg("memory-hot", "memory", 1), Cfg("redis-hot", "redis", 1)]
+    if args.tracing:
+        cfgs.append(Cfg("memory+tracing", "memory", args.users, tracing=True))
+    return cfgs
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _pin(cpus: set[int] | None) -> Any:
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def redis_server(cpus: set[int] | None) -> Iterator[str]:
+    """A throwaway redis-server on a free port: no persistence, noeviction, in a temp dir."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("redis-server not found on PATH; install it or pass --redis-url")
+    with tempfile.TemporaryDirectory(prefix="overhead-redis-") as tmp:
+        port = _free_port()
+        log = os.path.join(tmp, "redis.log")
+        argv = [
+            exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", tmp, "--logfile", log,
+            "--maxmemory-policy", "noeviction",
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_pin(cpus),
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"redis-server exited with {proc.returncode}; see {log}")
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                        s.sendall(b"PING\r\n")
+                        if s.recv(16).startswith(b"+PONG"):
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("redis-server did not answer PING within 10 s")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            _stop(proc)
+
+
+def redis_cpu_s(url: str) -> float | None:
+    """used_cpu_user + used_cpu_sys of the redis-server (None if unreachable)."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url)
+        info: dict[str, Any] = client.info("cpu")
+        client.close()
+    except redis.RedisError:
+        return None
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def redis_version(url: str) -> str:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return str(client.info("server").get("redis_version", "?"))
+    finally:
+        client.close()
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """utime + stime of a process, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_choice() -> tuple[str, str]:
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return loop, http
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def stats(self) -> dict[str, Any] | None:
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("OVERHEAD-STATS "):
+                result: dict[str, Any] = json.loads(line.removeprefix("OVERHEAD-STATS "))
+                return result
+        return None
+
+
+@contextlib.contextmanager
+def uvicorn_server(
+    cfg: Cfg, redis_url: str | None, workdir: Path, cpus: set[int] | None
+) -> Iterator[Server]:
+    loop, http = server_choice()
+    port = _free_port()
+    log = workdir / f"uvicorn-{cfg.name}.log"
+    env = {
+        **os.environ,
+        "OVERHEAD_BACKEND": cfg.backend,
+        "OVERHEAD_REDIS_URL": redis_url or "",
+        "OVERHEAD_TRACING": "1" if cfg.tracing else "0",
+        "OVERHEAD_STATS": "1",
+    }
+    cmd = [
+        sys.executable, "-m", "uvicorn", "overhead:create_app", "--factory",
+        "--app-dir", str(BENCH_DIR),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--loop", loop, "--http", http, "--lifespan", "on",
+        "--no-access-log", "--log-level", "warning",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_pin(cpus)
+        )
+    server = Server(proc, port, log)
+    try:
+        _wait_ready(server)
+        yield server
+    finally:
+        # SIGTERM: graceful, the lifespan shutdown drains the finalizer and prints the stats.
+        _stop(proc)
+
+
+def _wait_ready(server: Server, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    request = f"GET / HTTP/1.1\r\nhost: bench\r\n{HEADER}: ready\r\nconnection: close\r\n\r\n"
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise SystemExit(f"uvicorn exited early:\n{server.log.read_text(errors='replace')}")
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=1) as s:
+                s.sendall(request.encode())
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"uvicorn not ready in {timeout} s:\n{server.log.read_text(errors='replace')}")
+
+
+# -- wrk -------------------------------------------------------------------------------------------
+
+WRK_LUA = """\
+-- Round robin over {users} ids in the {header} header; requests are formatted once, in init.
+local users = {users}
+local reqs = {{}}
+local i = 0
+init = function(args)
+  for n = 1, users do
+    reqs[n] = wrk.format(nil, nil, {{["{header}"] = "user-" .. (n - 1)}})
+  end
+end
+request = function()
+  i = i % users + 1
+  return reqs[i]
+end
+"""
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    socket_errors: int
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if m is None:
+        raise ValueError(f"unparsed wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+
+
+def parse_wrk(out: str) -> WrkResult:
+    def grab(pattern: str) -> re.Match[str]:
+        m = re.search(pattern, out, re.MULTILINE)
+        if m is None:
+            raise ValueError(f"wrk output lacks {pattern!r}:\n{out}")
+        return m
+
+    done = grab(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m)")
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return WrkResult(
+        requests=int(done.group(1)),
+        seconds=_ms(done.group(2) + done.group(3)) / 1000,
+        rps=float(grab(r"^Requests/sec:\s+([\d.]+)").group(1)),
+        p50_ms=_ms(grab(r"^\s+50%\s+(\S+)").group(1)),
+        p99_ms=_ms(grab(r"^\s+99%\s+(\S+)").group(1)),
+        non_2xx=int(non2xx.group(1)) if non2xx else 0,
+        socket_errors=sum(int(g) for g in errors.groups()) if errors else 0,
+    )
+
+
+def run_wrk(
+    port: int, lua: Path, threads: int, conns: int, duration: int, cpus: set[int] | None
+) -> WrkResult:
+    cmd = [
+        "wrk", f"-t{threads}", f"-c{conns}", f"-d{duration:g}s", "--latency",
+        "-s", str(lua), f"http://127.0.0.1:{port}/",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, preexec_fn=_pin(cpus))
+    return parse_wrk(done.stdout)
+
+
+@dataclass
+class HttpResult:
+    cfg: Cfg
+    wrk: WrkResult
+    server_cpu_us: float | None  # uvicorn process CPU per request
+    redis_cpu_us: float | None  # redis-server CPU per request
+    server_util: float | None  # uvicorn CPU seconds / wall seconds
+    stats: dict[str, Any] | None = None
+    warmup_requests: int = 0
+    rounds_rps: list[float] = field(default_factory=list)  # every round's req/s, in order
+
+
+def measure_http(
+    cfg: Cfg,
+    args: argparse.Namespace,
+    redis_url: str | None,
+    workdir: Path,
+    server_cpus: set[int] | None,
+    client_cpus: set[int] | None,
+) -> HttpResult:
+    lua = workdir / f"users-{cfg.users}.lua"
+    if not lua.exists():
+        lua.write_text(WRK_LUA.format(users=cfg.users, header=HEADER))
+    with uvicorn_server(cfg, redis_url, workdir, server_cpus) as server:
+        warmed = 0
+        if args.warmup > 0:
+            warm = run_wrk(server.port, lua, args.threads, args.connections, args.warmup, client_cpus)
+            warmed = warm.requests
+        cpu0 = proc_cpu_s(server.proc.pid)
+        rcpu0 = redis_cpu_s(redis_url) if cfg.backend == "redis" and redis_url else None
+        wall0 = time.perf_counter()
+        result = run_wrk(server.port, lua, args.threads, args.connections, args.duration, client_cpus)
+        wall = time.perf_counter() - wall0
+        cpu1 = proc_cpu_s(server.proc.pid)
+        rcpu1 = redis_cpu_s(redis_url) if rcpu0 is not None and redis_url else None
+    n = max(result.requests, 1)
+    out = HttpResult(
+        cfg,
+        result,
+        server_cpu_us=None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) * 1e6 / n,
+        redis_cpu_us=None if rcpu0 is None or rcpu1 is None else (rcpu1 - rcpu0) * 1e6 / n,
+        server_util=None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / wall,
+        stats=server.stats(),
+        warmup_requests=warmed,
+    )
+    return out
+
+
+# -- in-process ----------------------------------------------------------------------------------
+
+
+class Lifespan:
+    """Drives an ASGI app's lifespan by hand."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.events: dict[str, asyncio.Event] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def _event(self, name: str) -> asyncio.Event:
+        return self.events.setdefault(name, asyncio.Event())
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if message["type"].endswith(".failed"):
+            raise SystemExit(f"lifespan failed: {message}")
+        self._event(message["type"]).set()
+
+    async def startup(self) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+        self.task = asyncio.create_task(self.app(scope, self.queue.get, self._send))
+        await self.queue.put({"type": "lifespan.startup"})
+        await self._event("lifespan.startup.complete").wait()
+
+    async def shutdown(self) -> None:
+        await self.queue.put({"type": "lifespan.shutdown"})
+        await self._event("lifespan.shutdown.complete").wait()
+        assert self.task is not None
+        await self.task
+
+
+async def drive_asgi(app: Any, requests: int, concurrency: int, users: int) -> None:
+    """``requests`` GET / over ``concurrency`` tasks, each yielding to the loop once a request
+    (as a server would between requests), so the finalizer runs interleaved, not only at the end."""
+    headers = [[(b"host", b"bench"), (HEADER.encode(), f"user-{i}".encode())] for i in range(users)]
+    never: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    issued = 0
+    bad: list[int] = []
+
+    async def one(i: int) -> None:
+        received = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal received
+            if not received:
+                received = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return await asyncio.shield(never)  # no disconnect: the client stays
+
+        status = 0
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/",
+            "raw_path": b"/",
+            "root_path": "",
+            "query_string": b"",
+            "headers": headers[i % users],
+            "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", 8000),
+            "state": {},
+        }
+        await app(scope, receive, send)
+        if status != 200:
+            bad.append(status)
+
+    async def worker() -> None:
+        nonlocal issued
+        while issued < requests:
+            i = issued
+            issued += 1
+            await one(i)
+            await asyncio.sleep(0)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(concurrency):
+            tg.create_task(worker())
+    if bad:
+        raise SystemExit(f"{len(bad)} requests answered {sorted(set(bad))}, expected 200")
+
+
+@dataclass
+class InprocResult:
+    cfg: Cfg
+    requests: int
+    cpu_us: float  # process CPU per request, finalizer work included
+    wall_us: float
+    applied: int | None = None
+    profile: list[tuple[str, float, float, float]] = field(default_factory=list)
+
+
+async def measure_inproc(
+    cfg: Cfg, redis_url: str | None, requests: int, concurrency: int, profile: int
+) -> InprocResult:
+    built = build_app(cfg.backend, redis_url)
+    life = Lifespan(built.app)
+    await life.startup()
+    finalizer = built.finalizer
+
+    async def settle_all() -> None:
+        if finalizer is not None and not await finalizer.wait_idle(30):
+            raise SystemExit(f"{cfg.name}: the finalizer did not go idle in 30 s")
+
+    try:
+        # Warm up: imports, Redis connections and scripts, the budgets' state.
+        await drive_asgi(built.app, max(1_000, requests // 10), concurrency, cfg.users)
+        await settle_all()
+        applied0 = finalizer.applied if finalizer else 0
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        await drive_asgi(built.app, requests, concurrency, cfg.users)
+        await settle_all()
+        cpu = time.process_time() - cpu0
+        wall = time.perf_counter() - wall0
+        applied = finalizer.applied - applied0 if finalizer else None
+        hot: list[tuple[str, float, float, float]] = []
+        if profile:
+            prof = cProfile.Profile(builtins=False)
+            prof.enable()
+            await drive_asgi(built.app, profile, concurrency, cfg.users)
+            await settle_all()
+            prof.disable()
+            hot = package_hotspots(prof, profile)
+    finally:
+        await life.shutdown()
+    return InprocResult(cfg, requests, cpu * 1e6 / requests, wall * 1e6 / requests, applied, hot)
+
+
+def package_hotspots(prof: cProfile.Profile, requests: int) -> list[tuple[str, float, float, float]]:
+    """(function, cumulative us/request, own us/request, calls/request) of budget_middleware's
+    functions, by cumulative time. A coroutine's time counts only while it runs, not while it
+    awaits I/O."""
+    stats: Any = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows = []
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in stats.items():
+        if "budget_middleware" not in filename:
+            continue
+        where = filename.split("budget_middleware/", 1)[-1]
+        rows.append((f"{where}:{line} {func}", ct * 1e6 / requests, tt * 1e6 / requests, nc / requests))
+    rows.sort(key=lambda r: -r[1])
+    return rows
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def _cmd_version(cmd: list[str]) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (done.stdout or done.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+def machine_facts(redis_url: str | None) -> dict[str, str]:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    wrk = _cmd_version(["wrk", "-v"])
+    loop, http = server_choice()
+    repo = BENCH_DIR.parent
+    git = _cmd_version(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+    import budget_middleware
+
+    package = Path(budget_middleware.__file__).resolve().parent
+    if package.is_relative_to(repo):
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        source = f"{package.relative_to(repo)} at {git}" + (" + uncommitted changes" if dirty else "")
+    else:
+        source = f"{package} (outside the repo, whose HEAD is {git})"
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "loadavg at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "python": platform.python_version(),
+        "uvicorn": importlib.metadata.version("uvicorn"),
+        "starlette": importlib.metadata.version("starlette"),
+        "loop/http": f"{loop}/{http}",
+        "wrk": re.sub(r"\s*Copyright.*", "", wrk),
+        "redis-server": redis_version(redis_url) if redis_url else "-",
+        "budget_middleware": source,
+    }
+
+
+def _ratio(x: float | None, base: float | None) -> str:
+    if x is None or base is None or base == 0:
+        return "-"
+    return f"{x / base:.2f}"
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def best_run(runs: list[HttpResult]) -> HttpResult:
+    """The run with the most req/s: other processes on the machine can only slow a run down, so
+    the best of N is the least disturbed one (every round's req/s is shown beside it)."""
+    chosen = max(runs, key=lambda r: r.wrk.rps)
+    chosen.rounds_rps = [r.wrk.rps for r in runs]
+    return chosen
+
+
+def http_table(results: list[HttpResult]) -> str:
+    base = next((r for r in results if r.cfg.backend == "bare"), None)
+    head = (
+        "| config | users | req/s | vs bare | p50 ms | p99 ms | p99 vs bare "
+        "| server CPU us/req | bare/this server CPU | redis CPU us/req | server CPU util "
+        "| req/s of each round |"
+    )
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        w = r.wrk
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    r.cfg.name,
+                    str(r.cfg.users),
+                    f"{w.rps:,.0f}",
+                    _ratio(w.rps, base.wrk.rps if base else None),
+                    f"{w.p50_ms:.2f}",
+                    f"{w.p99_ms:.2f}",
+                    _ratio(w.p99_ms, base.wrk.p99_ms if base else None),
+                    _num(r.server_cpu_us, ".0f"),
+                    _ratio(base.server_cpu_us if base else None, r.server_cpu_us),
+                    _num(r.redis_cpu_us, ".0f"),
+                    "-" if r.server_util is None else f"{r.server_util:.0%}",
+                    " / ".join(f"{x:,.0f}" for x in r.rounds_rps),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(rows)
+
+
+def inproc_table(results: list[InprocResult]) -> str:
+    base = next((r for r in results if r.cfg.backend == "bare"), None)
+    head = "| config | users | CPU us/req | added over bare us/req | wall us/req |"
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        added = "-" if base is None or r is base else f"{r.cpu_us - base.cpu_us:+.1f}"
+        rows.append(f"| {r.cfg.name} | {r.cfg.users} | {r.cpu_us:.1f} | {added} | {r.wall_us:.1f} |")
+    return "\n".join(rows)
+
+
+def verdict(results: list[HttpResult]) -> list[str]:
+    by = {r.cfg.name: r for r in results}
+    bare = by.get("bare")
+    lines: list[str] = []
+    if bare is None:
+        return lines
+    for name, target in (("memory", 0.90), ("redis", 0.50)):
+        r = by.get(name)
+        if r is None:
+            continue
+        ratio = r.wrk.rps / bare.wrk.rps
+        met = "MET" if ratio >= target else "NOT MET"
+        line = f"{name}: {ratio:.0%} of bare throughput (target >= {target:.0%}): {met}"
+        if r.server_cpu_us and bare.server_cpu_us:
+            line += f"; server CPU per request implies {bare.server_cpu_us / r.server_cpu_us:.0%}"
+        lines.append(line)
+    return lines
+
+
+def checks(results: list[HttpResult]) -> list[str]:
+    """Did every request succeed, and did the metered servers settle what they admitted?"""
+    lines = []
+    for r in results:
+        w = r.wrk
+        note = (
+            f"{r.cfg.name}: {w.requests} requests, {w.non_2xx} non-2xx, {w.socket_errors} socket errors"
+        )
+        if r.stats is not None:
+            sent = w.requests + r.warmup_requests + 1  # + the readiness probe
+            note += (
+                f"; finalizer applied {r.stats['applied']} settlements for about {sent} requests "
+                f"(wrk does not count the replies cut off at its end), outcomes "
+                f"{r.stats['outcomes']}, lost {r.stats['lost']}"
+            )
+            if r.stats.get("spans") is not None:
+                note += f", spans exported {r.stats['spans']}"
+        lines.append(note)
+    return lines
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+
+def split_cpus(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """The server gets the last CPU to itself; wrk and redis-server share the others."""
+    if not pin or not hasattr(os, "sched_getaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+# -- instruction counts under callgrind (immune to CPU contention) -------------------------------
+
+
+async def run_once(cfg: Cfg, redis_url: str | None, requests: int, concurrency: int) -> None:
+    """One in-process run for callgrind: warm up, then ``requests`` more, then settle everything."""
+    if cfg.tracing:
+        enable_tracing()
+    built = build_app(cfg.backend, redis_url)
+    life = Lifespan(built.app)
+    await life.startup()
+    try:
+        for n in (300, requests):
+            if n:
+                await drive_asgi(built.app, n, concurrency, cfg.users)
+            if built.finalizer is not None:
+                await built.finalizer.wait_idle(60)
+    finally:
+        await life.shutdown()
+
+
+def callgrind_instructions(cfg: Cfg, redis_url: str | None, requests: int, concurrency: int) -> int:
+    """Instructions executed by the whole process (every thread) for one ``run_once``."""
+    once = f"{cfg.name}:{cfg.backend}:{cfg.users}:{int(cfg.tracing)}:{requests}:{concurrency}"
+    cmd = [
+        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+        sys.executable, str(Path(__file__).resolve()), "--once", once,
+    ]  # fmt: skip
+    if redis_url:
+        cmd += ["--redis-url", redis_url]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    m = re.search(r"Collected : (\d+)", done.stderr)
+    if done.returncode != 0 or m is None:
+        raise SystemExit(f"callgrind run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return int(m.group(1))
+
+
+@dataclass
+class IrResult:
+    cfg: Cfg
+    per_request: float  # instructions per request
+
+
+def callgrind_all(cfgs: list[Cfg], redis_url: str | None, args: argparse.Namespace) -> list[IrResult]:
+    lo, hi = args.callgrind_requests
+    out = []
+    for cfg in cfgs:
+        a = callgrind_instructions(cfg, redis_url, lo, args.inproc_concurrency)
+        b = callgrind_instructions(cfg, redis_url, hi, args.inproc_concurrency)
+        out.append(IrResult(cfg, (b - a) / (hi - lo)))
+        print(
+            f"  callgrind {cfg.name:15} {out[-1].per_request:,.0f} instructions/req",
+            file=sys.stderr,
+            flush=True,
+        )
+    return out
+
+
+def callgrind_table(results: list[IrResult]) -> str:
+    base = next((r for r in results if r.cfg.backend == "bare"), None)
+    head = "| config | users | instructions/req | added over bare | vs bare |"
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        added = "-" if base is None or r is base else f"{r.per_request - base.per_request:+,.0f}"
+        rows.append(
+            f"| {r.cfg.name} | {r.cfg.users} | {r.per_request:,.0f} | {added} "
+            f"| {_ratio(r.per_request, base.per_request if base else None)} |"
+        )
+    return "\n".join(rows)
+
+
+async def inproc_all(
+    cfgs: list[Cfg], redis_url: str | None, args: argparse.Namespace
+) -> list[InprocResult]:
+    out: list[InprocResult] = []
+    # Tracing can be switched on only once per process: the tracing configurations go last.
+    for cfg in sorted(cfgs, key=lambda c: c.tracing):
+        if cfg.tracing:
+            enable_tracing()
+        runs: list[InprocResult] = []
+        for _ in range(args.inproc_rounds):
+            runs.append(
+                await measure_inproc(
+                    cfg,
+                    redis_url,
+                    args.inproc_requests,
+                    args.inproc_concurrency,
+                    # Profiled: the spread configurations without tracing (the hot ones and
+                    # tracing differ in a few functions only, and profiling is slow).
+                    args.profile_requests
+                    if args.profile and not runs and cfg.users == args.users and not cfg.tracing
+                    else 0,
+                )
+            )
+        best = min(runs, key=lambda r: r.cpu_us)
+        best.cpu_us = statistics.median(r.cpu_us for r in runs)
+        best.wall_us = statistics.median(r.wall_us for r in runs)
+        best.profile = runs[0].profile
+        out.append(best)
+        print(
+            f"  in-process {cfg.name:15} {best.cpu_us:8.1f} CPU us/req (applied {best.applied})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--redis-url", help="use this Redis instead of starting a redis-server")
+    p.add_argument("--duration", type=int, default=10, help="seconds of each measured wrk run")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of the wrk warm-up run (0: none)")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="interleaved HTTP rounds; the best run is shown"
+    )
+    p.add_argument("--threads", type=int, default=1, help="wrk threads")
+    p.add_argument("--connections", type=int, default=32, help="wrk connections")
+    p.add_argument("--users", type=int, default=100, help="distinct x-user ids (spread)")
+    p.add_argument("--no-hot", dest="hot", action="store_false", help="skip the one-user runs")
+    p.add_argument("--tracing", action="store_true", help="add memory with the OTel SDK on")
+    p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin CPUs")
+    p.add_argument("--no-http", dest="http", action="store_false", help="in-process only")
+    p.add_argument("--no-inproc", dest="inproc", action="store_false", help="skip in-process")
+    p.add_argument("--inproc-requests", type=int, default=20_000)
+    p.add_argument("--inproc-concurrency", type=int, default=32)
+    p.add_argument("--inproc-rounds", type=int, default=1, help="median of N in-process runs")
+    p.add_argument("--profile", action="store_true", help="cProfile the in-process loop")
+    p.add_argument("--profile-requests", type=int, default=5_000)
+    p.add_argument("--top", type=int, default=8, help="hotspots listed per configuration")
+    p.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="count instructions per request of the in-process loop under valgrind (slow)",
+    )
+    p.add_argument(
+        "--callgrind-requests",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=(200, 1200),
+        metavar="LO,HI",
+        help="instructions/request = (Ir(HI) - Ir(LO)) / (HI - LO)",
+    )
+    p.add_argument("--once", help=argparse.SUPPRESS)  # internal: one callgrind run
+    args = p.parse_args()
+    if args.once:
+        name, backend, users, tracing, requests, conc = args.once.split(":")
+        cfg = Cfg(name, backend, int(users), tracing == "1")
+        asyncio.run(run_once(cfg, args.redis_url, int(requests), int(conc)))
+        return
+    if args.http and shutil.which("wrk") is None:
+        raise SystemExit("wrk not found on PATH (or pass --no-http)")
+    if args.callgrind and shutil.which("valgrind") is None:
+        raise SystemExit("valgrind not found on PATH (needed by --callgrind)")
+
+    cfgs = configurations(args)
+    server_cpus, client_cpus = split_cpus(args.pin)
+    t_start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        redis_url = args.redis_url or stack.enter_context(redis_server(client_cpus))
+        facts = machine_facts(redis_url)
+        print("argv: " + " ".join(sys.argv))
+        print("; ".join(f"{k} {v}" for k, v in facts.items()))
+        if args.http:
+            pinning = (
+                f"uvicorn on CPU {sorted(server_cpus)}, wrk + redis-server on {sorted(client_cpus)}"
+                if server_cpus and client_cpus
+                else "none"
+            )
+            print(
+                f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s --latency "
+                f"(warm-up {args.warmup:g}s) x {args.rounds} round(s); {args.users} users spread, "
+                f"1 hot; uvicorn 1 worker {facts['loop/http']}; pinning: {pinning}",
+                flush=True,
+            )
+        http_results: list[HttpResult] = []
+        if args.http:
+            runs: dict[Cfg, list[HttpResult]] = {cfg: [] for cfg in cfgs}
+            with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
+                # Rounds interleave the configurations, so drift and neighbours hit them alike.
+                for rnd in range(args.rounds):
+                    for cfg in cfgs:
+                        hr = measure_http(cfg, args, redis_url, Path(tmp), server_cpus, client_cpus)
+                        runs[cfg].append(hr)
+                        print(
+                            f"  http round {rnd + 1} {cfg.name:15} {hr.wrk.rps:>9,.0f} req/s  "
+                            f"p50 {hr.wrk.p50_ms:.2f} ms  p99 {hr.wrk.p99_ms:.2f} ms  "
+                            f"server {_num(hr.server_cpu_us, '.0f')} us/req  "
+                            f"load {os.getloadavg()[0]:.2f}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+            for cfg in cfgs:
+                http_results.append(best_run(runs[cfg]))
+        inproc = asyncio.run(inproc_all(cfgs, redis_url, args)) if args.inproc else []
+        irs = callgrind_all(cfgs, redis_url, args) if args.callgrind else []
+
+    print()
+    if http_results:
+        print("HTTP (uvicorn + wrk):")
+        print(http_table(http_results))
+        print()
+        for line in verdict(http_results):
+            print(line)
+        for line in checks(http_results):
+            print("check: " + line)
+        print()
+    if inproc:
+        print(
+            f"In-process (ASGI app driven directly, {args.inproc_requests} requests over "
+            f"{args.inproc_concurrency} tasks, time.process_time() until the finalizer is idle):"
+        )
+        print(inproc_table(inproc))
+    if irs:
+        lo, hi = args.callgrind_requests
+        print()
+        print(
+            "Instructions per request under callgrind (the in-process loop, every thread, "
+            f"(Ir({hi}) - Ir({lo})) / {hi - lo}; the redis-server's own work is not counted):"
+        )
+        print(callgrind_table(irs))
+    if args.profile:
+        for r in inproc:
+            if not r.profile:
+                continue
+            print()
+            print(
+                f"cProfile, {r.cfg.name} ({args.profile_requests} requests): budget_middleware "
+                "functions by cumulative us/request (own us/request, calls/request)"
+            )
+            for name, cum, own, calls in r.profile[: args.top]:
+                print(f"  {cum:7.2f} us  ({own:6.2f} own, {calls:5.2f} calls)  {name}")
+            by_own = sorted(r.profile, key=lambda x: -x[2])[: args.top]
+            print(
+                "  by own time: " + ", ".join(f"{n.split(' ')[-1]} {o:.2f}" for n, _c, o, _n in by_own)
+            )
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s; loadavg at end {load}")
+
+
+if __name__ == "__main__":
+    main()
