@@ -25,6 +25,8 @@ def to_micros(value: Amount, *, what: str = "amount") -> int:
     Rejects, with a ``ValueError`` that names the value: booleans, NaN, infinities, negatives,
     values finer than one micro-unit (they would round silently) and values too large to be exact.
     """
+    if type(value) is int and 0 <= value <= _MAX_MICROS // MICROS:  # the common case, exact
+        return value * MICROS
     if isinstance(value, bool):
         raise ValueError(f"{what} must be a number, got {value!r}")
     if isinstance(value, int):

@@ -563,9 +563,12 @@ class Finalizer:
         for hb, o in zip(s.holds, result.outcomes, strict=False):
             if o in ("applied", "late", "recovered") and s.actual:
                 inst.spend.add(s.actual, {ATTR.RULE: hb.budget.rule})
-        links = []
-        if isinstance(s.context, SpanContext) and s.context.is_valid:
-            links.append(Link(s.context))
+        if isinstance(s.context, SpanContext) and not s.context.is_valid:
+            # Its reserve span was not recorded: no tracing SDK is installed, so neither would
+            # this one be. Skip the no-op span on the hot path.
+            self._after_record(s, result, outcome)
+            return
+        links = [Link(s.context)] if isinstance(s.context, SpanContext) else []
         span = tracer.start_span(SPAN_SETTLE, context=_ROOT, links=links, start_time=started_ns)
         if span.is_recording():  # build attributes only for a span somebody records
             attrs: dict[str, Any] = {
@@ -590,6 +593,9 @@ class Finalizer:
                 span.add_event(EVENT_OVERRUN, {ATTR.OVERRUN: s.actual - s.estimate})
             span.set_attributes(attrs)
         span.end()
+        self._after_record(s, result, outcome)
+
+    def _after_record(self, s: Settlement, result: Settled, outcome: str) -> None:
         if outcome in ("recovered", "stale"):
             logger.warning(
                 "budget: settlement %s was %s (reason %s, actual %s)",

@@ -29,25 +29,34 @@ def _seconds(ms: int) -> int:
     return max(0, math.ceil(ms / 1000))
 
 
+_policy_cache: dict[tuple[tuple[str, int, int], ...], bytes] = {}
+
+
+def _policy_header(key: tuple[tuple[str, int, int], ...]) -> bytes:
+    """``RateLimit-Policy`` depends only on the rules, limits and periods: built once each."""
+    value = _policy_cache.get(key)
+    if value is None:
+        if len(_policy_cache) >= 1024:
+            _policy_cache.clear()
+        value = _policy_cache[key] = ", ".join(
+            f'"{rule}";q={limit}' + (f";w={_seconds(period_ms)}" if period_ms else "")
+            for rule, limit, period_ms in key
+        ).encode()
+    return value
+
+
 def rate_limit_headers(
     items: Sequence[tuple[str, int, int, int, int | None, int]],
 ) -> Headers:
     """``items``: (rule, limit, remaining, period_ms, reset_ms, now_ms) per budget."""
-    policies: list[str] = []
     limits: list[str] = []
-    for rule, limit, remaining, period_ms, reset_ms, now_ms in items:
-        policy = f'"{rule}";q={limit}'
-        if period_ms:
-            policy += f";w={_seconds(period_ms)}"
-        policies.append(policy)
+    for rule, _limit, remaining, _period_ms, reset_ms, now_ms in items:
         state = f'"{rule}";r={max(0, remaining)}'
         if reset_ms is not None:
             state += f";t={_seconds(reset_ms - now_ms)}"
         limits.append(state)
-    return [
-        (b"ratelimit-policy", ", ".join(policies).encode()),
-        (b"ratelimit", ", ".join(limits).encode()),
-    ]
+    policy = _policy_header(tuple((rule, limit, period) for rule, limit, _, period, _, _ in items))
+    return [(b"ratelimit-policy", policy), (b"ratelimit", ", ".join(limits).encode())]
 
 
 def admitted_headers(holds: Sequence[HeldBudget], now_ms: int) -> Headers:
