@@ -235,7 +235,22 @@ class Finalizer:
                 continue
             failures += 1
             delay = min(self.retry_cap_s, self.retry_base_s * 2 ** min(failures, 16))
-            await anyio.sleep(delay * (0.5 + random.random() / 2))
+            await self._back_off(delay * (0.5 + random.random() / 2))
+
+    async def _back_off(self, seconds: float) -> None:
+        """Wait before retrying a failed batch; settlements handed over meanwhile are journaled
+        at once, so a process killed during an outage loses none that reached the worker."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            assert self._wakeup is not None
+            with anyio.move_on_after(left):
+                await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+            if self.journal is not None:
+                await self._journal_step()
 
     def _idle(self) -> bool:
         return not self._pending and not self._stopping and not self._backlog

@@ -19,6 +19,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from ..keys import Budget, KeyLayout
 from ._types import (
@@ -157,6 +159,10 @@ class RedisLedger:
             socket_timeout=self._socket_timeout,
             socket_connect_timeout=self._socket_timeout,
             health_check_interval=30,
+            # A pooled connection to a Redis that restarted fails once on first use: retry it on
+            # a fresh connection. Safe because every script is idempotent.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[rexc.ConnectionError],
         )
         return aioredis.Redis.from_pool(pool)
 
