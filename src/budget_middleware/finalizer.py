@@ -31,7 +31,7 @@ from opentelemetry.trace import Link, SpanContext, Status, StatusCode
 from .amounts import format_micros
 from .journal import Journal
 from .keys import EntityHasher
-from .ledger import Ledger, LedgerError, Reservation, Settled, Settlement
+from .ledger import Ledger, LedgerError, LedgerUnavailable, Reservation, Settled, Settlement
 from .telemetry import ATTR, EVENT_OVERRUN, SPAN_RENEW, SPAN_SETTLE, instruments, tracer
 
 __all__ = ["Finalizer"]
@@ -233,6 +233,8 @@ class Finalizer:
             if ok:
                 failures = 0
                 continue
+            if self._stopping:
+                return  # draining and the ledger still fails: drain journals or counts the rest
             failures += 1
             delay = min(self.retry_cap_s, self.retry_base_s * 2 ** min(failures, 16))
             await self._back_off(delay * (0.5 + random.random() / 2))
@@ -510,13 +512,13 @@ class Finalizer:
         try:
             with anyio.fail_after(self.timeout_s):
                 results = await self.ledger.settle_many(batch)
-        except (LedgerError, TimeoutError) as exc:
+        except (LedgerUnavailable, TimeoutError) as exc:  # an outage: retry the whole batch
             self._requeue(batch, exc)
             return False
         except anyio.get_cancelled_exc_class():
             self._requeue(batch, None)  # stopped mid-batch: count it with what is left
             raise
-        except Exception as exc:  # a bug, not an outage: isolate the settlement that causes it
+        except Exception as exc:  # not an outage (a script error, a bug): isolate the culprit
             logger.exception("budget: settle batch failed unexpectedly; retrying one by one")
             return await self._settle_each(batch, exc)
         finally:
@@ -537,9 +539,28 @@ class Finalizer:
             except anyio.get_cancelled_exc_class():
                 self._requeue(batch[n:], None)
                 raise
-            except (LedgerError, TimeoutError) as exc:
+            except (LedgerUnavailable, TimeoutError) as exc:
                 self._requeue([s], exc)
                 ok = False
+                continue
+            except LedgerError as exc:
+                # The store refused this one (out of memory, a script error): retry it a while
+                # with the batch's backoff, then give up on it so it cannot block the queue.
+                if s.attempts < _MAX_REFUSALS:
+                    self._requeue([s], exc)
+                    ok = False
+                    continue
+                logger.error(
+                    "budget: settlement %s refused %d times (%s); counted as lost",
+                    s.reservation_id,
+                    s.attempts,
+                    exc,
+                )
+                self.lost += 1
+                instruments().lost.add(1)
+                instruments().queue.add(-1)
+                if self.journal is not None:
+                    self._marks.append(s.reservation_id)
                 continue
             except Exception:
                 logger.exception(
@@ -659,6 +680,9 @@ class Finalizer:
             if r.id in self._inflight:
                 self._inflight[r.id] = (r, next_at)
 
+
+# How often the store may refuse one settlement (not an outage) before it is given up as lost.
+_MAX_REFUSALS = 20
 
 # Settle and renew spans start their own traces: the request's span ended long ago. The link to the
 # reserve span (and the request's trace id attribute) ties them back.

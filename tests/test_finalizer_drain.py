@@ -1,0 +1,81 @@
+"""Draining while the ledger keeps failing ends within its deadline, without a retry storm."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from budget_middleware import Finalizer, MemoryLedger, Settled, Settlement
+from budget_middleware.keys import Budget
+from budget_middleware.ledger import HeldBudget, LedgerError, LedgerUnavailable, new_reservation_id
+
+
+class FailingLedger(MemoryLedger):
+    """A ledger whose settles always fail; counts the attempts."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+        self.attempts = 0
+        self.settle_now = None  # type: ignore[assignment]  # go through the worker
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> list[Settled]:
+        self.attempts += 1
+        await anyio.lowlevel.checkpoint()
+        raise self.error
+
+
+def settlement() -> Settlement:
+    budget = Budget("user", "r:alice", 0)
+    hold = HeldBudget(budget, 5, 0, "epoch", 100, 95, None)
+    return Settlement(new_reservation_id(), (hold,), 5, "completed", 5)
+
+
+@pytest.mark.parametrize(
+    "error", [LedgerUnavailable("down"), LedgerError("OOM command not allowed")], ids=str
+)
+async def test_drain_during_an_outage_ends_on_time_and_counts_the_loss(error: Exception) -> None:
+    ledger = FailingLedger(error)
+    finalizer = Finalizer(ledger, retry_base_s=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(finalizer.run)
+        finalizer.submit(settlement())
+        await anyio.sleep(0.05)  # let it fail a first time; backoff starts
+        before = ledger.attempts
+        with anyio.fail_after(5):  # the drain ends after its deadline, not never
+            lost = await finalizer.drain(0.3)
+        tg.cancel_scope.cancel()
+    assert lost == 1
+    assert finalizer.lost == 1
+    # Backoff, not a storm: a handful of attempts in the drain's few hundred milliseconds.
+    assert ledger.attempts - before < 20, ledger.attempts
+
+
+async def test_a_refused_settlement_is_given_up_and_does_not_block_the_next() -> None:
+    class RefusesOne(MemoryLedger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.settle_now = None  # type: ignore[assignment]
+            self.bad: str = ""
+
+        async def settle_many(self, settlements: Sequence[Settlement]) -> list[Settled]:
+            if any(s.reservation_id == self.bad for s in settlements):
+                raise LedgerError("ERR budget settle: bad arguments")
+            return [self._settle_one(s, self._clock()) for s in settlements]
+
+    ledger: Any = RefusesOne()
+    finalizer = Finalizer(ledger, retry_base_s=0.001, retry_cap_s=0.002)
+    bad, good = settlement(), settlement()
+    ledger.bad = bad.reservation_id
+    async with anyio.create_task_group() as tg:
+        await tg.start(finalizer.run)
+        finalizer.submit(bad)
+        finalizer.submit(good)
+        assert await finalizer.wait_idle(5)
+        tg.cancel_scope.cancel()
+    assert finalizer.applied == 1  # the good one, not blocked behind the refused one
+    assert finalizer.lost == 1
