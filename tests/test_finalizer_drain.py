@@ -79,3 +79,47 @@ async def test_a_refused_settlement_is_given_up_and_does_not_block_the_next() ->
         tg.cancel_scope.cancel()
     assert finalizer.applied == 1  # the good one, not blocked behind the refused one
     assert finalizer.lost == 1
+
+
+async def test_a_request_after_the_lifespan_shutdown_is_counted_not_left_to_a_new_worker() -> None:
+    """After the lifespan drained the finalizer, nothing would drain a worker started later: a late
+    request's settlement is counted as lost (and logged) instead of waiting in a stray worker."""
+    import fakeredis
+    from starlette.types import Message, Receive, Scope, Send
+
+    from asgi_helpers import MessageQueue, RecordingSend, ScriptedReceive, http_scope
+    from budget_middleware import BudgetConfig, BudgetMiddleware, RedisLedger, Rule, to_micros
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    client = fakeredis.FakeAsyncRedis(decode_responses=True)
+    ledger = RedisLedger(client=client)
+    config = BudgetConfig(rules=(Rule("user", "header:x-user", "10", "1d"),), estimate=to_micros(1))
+    mw = BudgetMiddleware(app, config, ledger=ledger)
+    lifespan_in = MessageQueue()
+    sent: list[Message] = []
+
+    async def lifespan_send(message: Message) -> None:
+        sent.append(message)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, {"type": "lifespan"}, lifespan_in, lifespan_send)
+        lifespan_in.push({"type": "lifespan.startup"})
+        lifespan_in.push({"type": "lifespan.shutdown"})
+    lifespan_in.close()
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+    late = RecordingSend()
+    await mw(http_scope(headers=[("x-user", "alice")]), ScriptedReceive(), late)
+    assert late.status == 200
+    assert not mw.finalizer.running
+    assert mw.finalizer.lost == 1
+    await client.aclose()

@@ -16,6 +16,7 @@ counted and logged as lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -83,6 +84,7 @@ class Finalizer:
         self._renew_failures = 0
         self._stopping = False
         self._stopped = False
+        self._drained_loop: asyncio.AbstractEventLoop | None = None
         self._running = False
         self._task: asyncio.Task[None] | None = None
         self._task_loop: asyncio.AbstractEventLoop | None = None
@@ -180,6 +182,10 @@ class Finalizer:
             return
         loop = asyncio.get_running_loop()
         if self._task is not None and not self._task.done() and self._task_loop is loop:
+            return
+        if self._stopped and self._drained_loop is loop:
+            # Shut down by the lifespan on this loop: a late request must not start a worker that
+            # nobody will drain. Its settlement goes to the journal or is counted lost (logged).
             return
         self._stopping = False
         self._stopped = False
@@ -304,6 +310,8 @@ class Finalizer:
                     self._changed = anyio.Event()
                 await self._changed.wait()
         self._stopped = True
+        with contextlib.suppress(RuntimeError):
+            self._drained_loop = asyncio.get_running_loop()
         if self._inflight:
             logger.error(
                 "budget: shutdown drained with %d requests still running; their holds expire by "
