@@ -156,43 +156,40 @@ async def send_rejection(
 
 
 async def send_unavailable(send: Send, detail: str, *, error_format: str) -> None:
-    headers: Headers = [(b"retry-after", b"1")]
-    if error_format == "openai":
-        body: dict[str, Any] = {
-            "error": {
-                "message": detail,
-                "type": "server_error",
-                "param": None,
-                "code": "budget_unavailable",
-            }
-        }
-        await _send_json(send, 503, body, b"application/json", headers)
-        return
-    body = {
-        "type": REDUCED_CAPACITY,
-        "title": "Budget service temporarily unavailable",
-        "status": 503,
-        "detail": detail,
-    }
-    await _send_json(send, 503, body, b"application/problem+json", headers)
+    await send_problem(
+        send,
+        503,
+        "Budget service temporarily unavailable",
+        detail,
+        error_format=error_format,
+        code="budget_unavailable",
+        problem_type=REDUCED_CAPACITY,
+        openai_type="server_error",
+        headers=[(b"retry-after", b"1")],
+    )
 
 
 async def send_problem(
-    send: Send, status: int, title: str, detail: str, *, error_format: str, code: str
+    send: Send,
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    error_format: str,
+    code: str,
+    problem_type: str = "about:blank",
+    openai_type: str = "invalid_request_error",
+    headers: Headers | None = None,
 ) -> None:
+    """An RFC 9457 problem body, or the OpenAI error shape with ``BUDGET_ERROR_FORMAT=openai``."""
     if error_format == "openai":
         body: dict[str, Any] = {
-            "error": {
-                "message": detail,
-                "type": "invalid_request_error",
-                "param": None,
-                "code": code,
-            }
+            "error": {"message": detail, "type": openai_type, "param": None, "code": code}
         }
-        await _send_json(send, status, body, b"application/json", [])
+        await _send_json(send, status, body, b"application/json", headers or [])
         return
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    await _send_json(send, status, body, b"application/problem+json", [])
+    body = {"type": problem_type, "title": title, "status": status, "detail": detail}
+    await _send_json(send, status, body, b"application/problem+json", headers or [])
 
 
 async def send_missing_entity(send: Send, rule: str, source: str, *, error_format: str) -> None:
