@@ -48,10 +48,11 @@ def new_reservation_id(now_ms: int | None = None) -> str:
     """A time-ordered random id: 48 bits of creation time (ms) and 80 random bits, 32 hex digits.
 
     The creation time lets a settle refuse an id older than the tombstone horizon without a lookup.
-    ``random`` is reseeded in every forked process, and ids need to be unique, not secret.
+    ``random`` is reseeded in every forked process, and ids need to be unique, not secret. Made on
+    every request: one integer turned into bytes and hex is about half the cost of two formats.
     """
     ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    return f"{ms:012x}{_random_bits(80):020x}"
+    return (ms << 80 | _random_bits(80)).to_bytes(16, "big").hex()
 
 
 def id_time_ms(reservation_id: str) -> int:
@@ -187,9 +188,12 @@ class Settled:
 
     @property
     def outcome(self) -> SettleOutcome:
-        if not self.outcomes:
+        outcomes = self.outcomes
+        if len(outcomes) == 1:  # one rule: the common case, asked once per settlement
+            return outcomes[0]
+        if not outcomes:
             return "duplicate"
-        return min(self.outcomes, key=_OUTCOME_RANK.__getitem__)
+        return min(outcomes, key=_OUTCOME_RANK.__getitem__)
 
 
 @dataclass(slots=True)

@@ -32,6 +32,10 @@ __all__ = ["MemoryLedger"]
 
 PURGE_BATCH = 64
 DAY_MS = 86_400_000
+# A settled hold leaves its entry in the expiry heap (removing it there would cost a search); once
+# dead entries outnumber live ones by this much, the heap is rebuilt from the live holds, so it
+# stays bounded by the holds in flight instead of growing with every request of a lease.
+_HEAP_SLACK = 64
 
 
 def _wall_clock_ms() -> int:
@@ -48,6 +52,13 @@ class _State:
     done: dict[str, int] = field(default_factory=dict)  # recovered ids -> time
     spent: dict[int, int] = field(default_factory=dict)  # window -> micro-units
     touched_ms: int = 0
+
+
+def _compact(st: _State) -> None:
+    """Rebuild the expiry heap from the live holds, dropping the entries of settled ones."""
+    heap = [(expiry, rid) for rid, (expiry, _) in st.holds.items()]
+    heapq.heapify(heap)
+    st.expiry_heap = heap
 
 
 class MemoryLedger:
@@ -134,7 +145,10 @@ class MemoryLedger:
     def reserve_now(
         self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
     ) -> Reservation | Rejection:
-        """Reserve synchronously: nothing here can block or be cancelled halfway."""
+        """Reserve synchronously: nothing here can block or be cancelled halfway.
+
+        Runs on every request, so the state lookup is inlined and nothing is built that the answer
+        does not carry."""
         if not holds:
             raise ValueError("reserve needs at least one hold")
         if not 0 < lease_ms <= self.horizon_ms:
@@ -143,17 +157,24 @@ class MemoryLedger:
         self._ops += 1
         if self._ops % 10_000 == 0:
             self._sweep(now)
+        states = self._states
+        limits = self._limits
         expired_ids: list[str] = []
         purged = 0
         rows = []
         for h in holds:
-            st = self._state(h.budget, now)
+            b = h.budget
+            key = (b.rule, b.entity)
+            st = states.get(key)
+            if st is None:
+                st = self._state(b, now)
+            else:
+                st.touched_ms = now
             heap = st.expiry_heap
             if heap and heap[0][0] <= now:
                 purged += self._purge(st, now, expired_ids)
-            b = h.budget
             window = now - now % b.period_ms if b.period_ms else 0
-            limit = self._limits.get((b.rule, b.entity), h.limit)
+            limit = limits.get(key, h.limit) if limits else h.limit
             rows.append((h, st, window, limit, st.spent.get(window, 0)))
 
         replay = reservation_id in rows[0][1].holds
@@ -190,17 +211,28 @@ class MemoryLedger:
         )
 
     def _settle_one(self, s: Settlement, now: int) -> Settled:
-        if s.actual < 0 or (s.actual and any(hb.window < 0 for hb in s.holds)):
+        actual = s.actual
+        if actual < 0 or (actual and any(hb.window < 0 for hb in s.holds)):
             raise ValueError("a settle needs actual >= 0, and a release (window -1) actual 0")
+        rid = s.reservation_id
+        states = self._states
         outcomes: list[SettleOutcome] = []
         for hb in s.holds:
-            st = self._state(hb.budget, now)
-            rid = s.reservation_id
+            b = hb.budget
+            st = states.get((b.rule, b.entity))
+            if st is None:
+                st = self._state(b, now)
+            else:
+                st.touched_ms = now
             outcome: SettleOutcome
             entry = st.holds.pop(rid, None)
             if entry is not None:
                 st.held -= entry[1]
                 outcome = "applied"
+                if not st.holds:
+                    st.expiry_heap.clear()  # only settled entries were left in it
+                elif len(st.expiry_heap) > 2 * len(st.holds) + _HEAP_SLACK:
+                    _compact(st)
             elif st.expired.pop(rid, None) is not None:
                 outcome = "late"
             elif hb.window < 0:
@@ -217,15 +249,15 @@ class MemoryLedger:
                 cutoff = now - self.horizon_ms
                 for done_id in [d for d, t in st.done.items() if t <= cutoff]:
                     del st.done[done_id]
-            if s.actual and hb.window >= 0 and outcome != "duplicate" and outcome != "stale":
+            if actual and hb.window >= 0 and outcome != "duplicate" and outcome != "stale":
                 spent = st.spent
                 if hb.window in spent:
-                    spent[hb.window] += s.actual
+                    spent[hb.window] += actual
                 else:
-                    spent[hb.window] = s.actual
-                    self._tidy_windows(st, hb.budget, hb.window, now)
+                    spent[hb.window] = actual
+                    self._tidy_windows(st, b, hb.window, now)
             outcomes.append(outcome)
-        return Settled(s.reservation_id, tuple(outcomes))
+        return Settled(rid, tuple(outcomes))
 
     def _old(self, reservation_id: str, now: int) -> bool:
         return id_time_ms(reservation_id) < now - self.horizon_ms
