@@ -69,8 +69,10 @@ LEASE_MS = 60_000
 
 KEY_RE = re.compile(
     r"budget:\{(?P<rule>[A-Za-z0-9._-]{1,64}):"
-    r"(?P<entity>r:[A-Za-z0-9._@-]{1,64}|h:[0-9a-f]{32}|anonymous)\}:[a-z]+(?::[0-9]+)?"
+    r"(?P<entity>r:[A-Za-z0-9._@-]{1,64}|h:[0-9a-f]{32}|anonymous)\}"
 )
+# The fields of a budget's hash: fixed names, windows and reservation ids (see lua/_common.lua).
+FIELD_RE = re.compile(r"held|epoch|limit|ttl|pa|pc|pm|s:[0-9]+|[htd]:[0-9a-f]{32}")
 PROBLEM = "application/problem+json"
 
 
@@ -231,6 +233,8 @@ async def assert_redis_keys(
     for key in keys:
         m = KEY_RE.fullmatch(key)
         assert m is not None, f"key outside the sanitised layout: {key!r}"
+        for field in await ledger.client().hkeys(key):
+            assert FIELD_RE.fullmatch(field), f"field outside the layout: {key!r} {field!r}"
         found.add((m["rule"], m["entity"]))
         if (m["rule"], m["entity"]) not in victims:
             searched.append(key)

@@ -80,23 +80,16 @@ class Budget:
 
 
 class KeyLayout:
-    """``<prefix>:{<rule>:<entity>}:<part>``: every key of one budget shares one hash tag."""
+    """``<prefix>:{<rule>:<entity>}``: one hash per budget, its entity inside the hash tag."""
 
     __slots__ = ("prefix",)
 
     def __init__(self, prefix: str = "budget") -> None:
         self.prefix = validate_name(prefix, "key prefix")
 
-    def base(self, budget: Budget) -> str:
+    def key(self, budget: Budget) -> str:
+        """The budget's hash (its fields are listed in ``ledger/lua/_common.lua``)."""
         return f"{self.prefix}:{{{budget.rule}:{budget.entity}}}"
-
-    def state_keys(self, budget: Budget) -> list[str]:
-        """The fixed keys of a budget, in the order every script expects them."""
-        b = self.base(budget)
-        return [f"{b}:held", f"{b}:holds", f"{b}:expired", f"{b}:epoch", f"{b}:limit", f"{b}:done"]
-
-    def spent(self, budget: Budget, window: int) -> str:
-        return f"{self.base(budget)}:spent:{window}"
 
 
 # -- entity ids from requests ----------------------------------------------------------------

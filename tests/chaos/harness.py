@@ -556,13 +556,12 @@ class ChaosRun:
         lost: dict[str, Lost] = {}
         with self.redis.client() as client:
             for budget, _limit in self.budgets():
-                keys = self.layout.state_keys(budget)
-                spent_key = f"{self.layout.base(budget)}:spent"
-                spent = sum(int(v) for v in client.hvals(spent_key))
-                held = int(client.get(keys[0]) or 0)
-                holds = client.zrange(keys[1], 0, -1)
-                tombs = [m.partition("|")[0] for m in client.zrange(keys[2], 0, -1)]
-                done = set(client.zrange(keys[5], 0, -1))
+                fields = client.hgetall(self.layout.key(budget))
+                spent = sum(int(v) for f, v in fields.items() if f.startswith("s:"))
+                held = int(fields.get("held", 0))
+                holds = [f[2:] for f in fields if f.startswith("h:")]
+                tombs = [f[2:] for f in fields if f.startswith("t:")]
+                done = {f[2:] for f in fields if f.startswith("d:")}
                 report.recovered_all += len(done)
                 entity = budget.entity.removeprefix("r:")
                 flight = entity.startswith("flight-")

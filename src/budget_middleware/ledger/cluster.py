@@ -393,7 +393,7 @@ class RedisClusterLedger(RedisLedger):
 
     def slot(self, budget: Budget) -> int:
         """The cluster slot of ``budget``'s keys."""
-        return int(key_slot(self.layout.base(budget).encode()))
+        return int(key_slot(self.layout.key(budget).encode()))
 
     def _groups(self, budgets: Sequence[Budget]) -> list[list[int]]:
         """Indices of ``budgets`` grouped by slot, groups in order of first appearance."""

@@ -1,4 +1,4 @@
-"""The Redis ledger: one Lua script per operation, every key of a budget in one hash slot.
+"""The Redis ledger: one Lua script per operation, one hash per budget.
 
 Scripts are package data (``lua/*.lua``), prefixed with ``lua/_common.lua``, called by EVALSHA and
 loaded again on NOSCRIPT (after a restart or failover). Time comes from Redis ``TIME`` inside the
@@ -80,7 +80,8 @@ class _Script:
 
 def _load_scripts() -> dict[str, _Script]:
     prelude = resources.files(__package__).joinpath("lua/_common.lua").read_text("utf-8")
-    return {n: _Script(n, prelude) for n in ("reserve", "settle", "extend", "usage", "reset")}
+    names = ("reserve", "settle", "extend", "usage", "reset", "limit")
+    return {n: _Script(n, prelude) for n in names}
 
 
 def _wrap(exc: BaseException) -> LedgerError:
@@ -125,7 +126,7 @@ class RedisLedger:
         self._scripts = _load_scripts()
         self._checked = False
         self.coalesce = coalesce
-        self._key_cache: dict[Budget, list[str]] = {}
+        self._key_cache: dict[Budget, str] = {}
         self.max_connections = max_connections
         self._reserve_queue: list[tuple[tuple[str, list[str], list[Any]], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
@@ -250,16 +251,14 @@ class RedisLedger:
             todo = missing
         return results
 
-    def _keys(self, budget: Budget) -> list[str]:
-        """The 8 keys of a budget, in script order (cached: budgets repeat across requests)."""
-        keys = self._key_cache.get(budget)
-        if keys is None:
+    def _key(self, budget: Budget) -> str:
+        """The budget's hash (cached: budgets repeat across requests)."""
+        key = self._key_cache.get(budget)
+        if key is None:
             if len(self._key_cache) >= 8192:
                 self._key_cache.clear()
-            base = self.layout.base(budget)
-            keys = [*self.layout.state_keys(budget), f"{base}:spent", f"{base}:meta"]
-            self._key_cache[budget] = keys
-        return keys
+            key = self._key_cache[budget] = self.layout.key(budget)
+        return key
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -269,7 +268,7 @@ class RedisLedger:
         keys: list[str] = []
         args: list[Any] = [reservation_id, lease_ms, self.horizon_ms, os.urandom(8).hex()]
         for h in holds:
-            keys += self._keys(h.budget)
+            keys.append(self._key(h.budget))
             args += [h.budget.period_ms, h.limit, h.amount]
         return "reserve", keys, args
 
@@ -367,7 +366,7 @@ class RedisLedger:
             id_time_ms(s.reservation_id),
         ]
         for hb in s.holds:
-            keys += self._keys(hb.budget)
+            keys.append(self._key(hb.budget))
             args += [hb.amount, hb.window, hb.epoch, hb.budget.period_ms]
         return "settle", keys, args
 
@@ -404,7 +403,7 @@ class RedisLedger:
             keys: list[str] = []
             args: list[Any] = [r.id, lease_ms, self.horizon_ms]
             for hb in r.holds:
-                keys += self._keys(hb.budget)
+                keys.append(self._key(hb.budget))
                 args.append(hb.amount)
             if keys:
                 calls.append(("extend", keys, args))
@@ -418,7 +417,8 @@ class RedisLedger:
         return Renewed(renewed, reheld, missing)
 
     async def usage(self, budget: Budget, limit: int) -> Usage:
-        reply = await self._eval("usage", self._keys(budget), [budget.period_ms, limit, self.horizon_ms])
+        args = [budget.period_ms, limit, self.horizon_ms]
+        reply = await self._eval("usage", [self._key(budget)], args)
         now, window, eff_limit, spent, held, count, purged, _ids = reply
         return Usage(
             budget,
@@ -433,17 +433,11 @@ class RedisLedger:
         )
 
     async def set_limit(self, budget: Budget, limit: int | None) -> None:
-        key = self.layout.state_keys(budget)[4]
-        try:
-            if limit is None:
-                await self.client().delete(key)
-            else:
-                await self.client().set(key, limit)
-        except rexc.RedisError as exc:
-            raise _wrap(exc) from exc
+        args = ["" if limit is None else limit, budget.period_ms, self.horizon_ms]
+        await self._eval("limit", [self._key(budget)], args)
 
     async def reset(self, budget: Budget) -> None:
-        await self._eval("reset", self._keys(budget), [budget.period_ms])
+        await self._eval("reset", [self._key(budget)], [budget.period_ms])
 
     async def aclose(self) -> None:
         if self._flushes:

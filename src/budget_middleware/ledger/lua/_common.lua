@@ -1,17 +1,21 @@
 -- Shared prelude, prepended to every script when the ledger loads it.
 --
--- Every budget passes 8 keys, in this order, starting at KEYS[k]:
---   k+0 held     integer micro-units: the sum of live holds
---   k+1 holds    ZSET "<reservation id>|<amount>" -> lease expiry (ms)
---   k+2 expired  ZSET "<reservation id>|<amount>" -> purge time (ms): tombstones of expired holds
---   k+3 epoch    random token of this budget's state
---   k+4 limit    optional per-entity limit override (no TTL: an operator's setting)
---   k+5 done     ZSET reservation id -> time: settles applied as recovered
---   k+6 spent    HASH window start (ms) -> integer micro-units
---   k+7 meta     "<purge at>:<armed until>": when the earliest hold may expire (so reserves skip
---                the purge scan until then), and until when the state keys' TTLs are armed (so
---                reserves skip re-arming them until half a horizon is left)
--- A hold's member carries its amount, so no per-hold hash is needed and a tombstone is one entry.
+-- A budget is one HASH, passed as one key: <prefix>:{<rule>:<entity>}. Its fields:
+--   held        integer micro-units: the sum of live holds
+--   epoch       random token of this budget's state (DESIGN.md 4)
+--   limit       optional per-entity limit override (an operator's setting: the hash then has no TTL)
+--   ttl         until when (ms) the hash's TTL is armed; -1 while it has none (a lifetime budget, or
+--               a limit override), so scripts know without a PTTL call whether to re-arm it
+--   pa          when the next purge pass is due (ms): no earlier than the first hold expiry,
+--               tombstone end or window end; a settled hold can leave it early, which costs a pass
+--   pc, pm      a purge pass in progress: its HSCAN cursor and the earliest due time it has seen
+--   s:<window>  integer micro-units spent in the window that starts at <window> (ms)
+--   h:<id>      a live hold: "<lease expiry ms>:<amount>"
+--   t:<id>      the tombstone of an expired hold: when it was purged (ms)
+--   d:<id>      a settle applied as recovered: when (ms)
+-- One key and few fields keep the common paths short: a reserve is TIME, HMGET and HSET, a settle
+-- HDEL and two HINCRBYs. Holds, tombstones and old windows are swept by purge passes that scan the
+-- hash a batch at a time, only when `pa` says something may be due.
 
 local PURGE_BATCH = 64
 local NEVER = 9007199254740991 -- 2^53 - 1
@@ -26,86 +30,97 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function member_amount(member)
-  local sep = string.find(member, '|', 1, true)
-  return string.sub(member, 1, sep - 1), tonumber(string.sub(member, sep + 1))
-end
-
-local function parse_meta(value)
-  if not value then
-    return 0, 0
+local function window_of(now, period)
+  if period > 0 then
+    return now - now % period
   end
-  local sep = string.find(value, ':', 1, true)
-  return tonumber(string.sub(value, 1, sep - 1)), tonumber(string.sub(value, sep + 1))
+  return 0
 end
 
-local function write_meta(k, purge_at, armed, ttl)
-  redis.call('SET', KEYS[k + 7], int(purge_at) .. ':' .. int(armed), 'PX', int(ttl))
-end
-
--- How long hold state lives after it is armed: a lease and two horizons, re-armed when less than
--- a lease and one horizon is left, so the epoch outlives every write by at least the horizon.
-local function arm_ttl(lease, horizon)
-  return lease + 2 * horizon
-end
-
--- Gives the hold state of the budget at KEYS[k] a TTL of `ttl` from now.
-local function arm(k, ttl)
-  redis.call('PEXPIRE', KEYS[k], int(ttl))
-  redis.call('PEXPIRE', KEYS[k + 1], int(ttl))
-  redis.call('PEXPIRE', KEYS[k + 3], int(ttl))
-end
-
--- Moves at most PURGE_BATCH expired holds of the budget at KEYS[k] to its tombstones, appends
--- their ids to `ids`. Returns how many it moved and the new purge hint (the earliest expiry left).
--- Bounded work: the rest go on later calls (the hint then stays due).
-local function purge(k, now, horizon, ttl, ids)
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[k + 1], '-inf', int(now), 'LIMIT', 0, PURGE_BATCH)
-  local n = #expired
-  if n > 0 then
-    local total = 0
-    local scored = {}
-    for i, member in ipairs(expired) do
-      local id, amount = member_amount(member)
-      total = total + amount
-      ids[#ids + 1] = id
-      scored[2 * i - 1] = int(now)
-      scored[2 * i] = member
-    end
-    redis.call('ZREM', KEYS[k + 1], unpack(expired))
-    redis.call('ZADD', KEYS[k + 2], unpack(scored))
-    redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', int(now - horizon))
-    redis.call('PEXPIRE', KEYS[k + 2], int(ttl))
-    redis.call('DECRBY', KEYS[k], int(total))
-  end
-  local first = redis.call('ZRANGE', KEYS[k + 1], 0, 0, 'WITHSCORES')
-  local next_at = NEVER
-  if first[2] then
-    next_at = tonumber(first[2])
-  end
-  return n, next_at
-end
-
--- Adds `actual` to the spend of `window`. When that creates the window's field, it drops windows
--- that ended two periods ago and re-arms the hash's TTL (a lifetime budget's spend never expires).
-local function add_spent(k, window, actual, period)
-  local v = redis.call('HINCRBY', KEYS[k + 6], int(window), int(actual))
-  if v ~= actual or period == 0 then
-    return
-  end
-  local now = now_ms()
-  local newest = window
-  for _, field in ipairs(redis.call('HKEYS', KEYS[k + 6])) do
-    local w = tonumber(field)
-    if w ~= window and w + 2 * period < now then
-      redis.call('HDEL', KEYS[k + 6], field)
-    elseif w > newest then
-      newest = w
+-- One step of a purge pass over the hash at `key`, from HSCAN `cursor`: expired holds become
+-- tombstones (their ids appended to `ids`, their field/value pairs to `writes` for the caller's
+-- HSET), tombstones and done records older than the horizon and windows that ended a period ago are
+-- deleted. `due` carries the earliest time anything seen will be due. `seen`, when given, makes
+-- the step count each live hold once across steps (HSCAN may return an element twice).
+-- Returns moved, released amount, next cursor ('0': the pass is complete), due, live holds seen.
+local function purge_step(key, cursor, due, now, horizon, period, ids, writes, seen)
+  local scan = redis.call('HSCAN', key, cursor, 'COUNT', PURGE_BATCH)
+  local kv = scan[2]
+  local dels = {}
+  local moved, released, live = 0, 0, 0
+  for i = 1, #kv, 2 do
+    local field, value = kv[i], kv[i + 1]
+    local kind = string.sub(field, 1, 2)
+    if kind == 'h:' then
+      local sep = string.find(value, ':', 1, true)
+      local expiry = tonumber(string.sub(value, 1, sep - 1))
+      if expiry <= now then
+        local id = string.sub(field, 3)
+        released = released + tonumber(string.sub(value, sep + 1))
+        moved = moved + 1
+        ids[#ids + 1] = id
+        dels[#dels + 1] = field
+        writes[#writes + 1] = 't:' .. id
+        writes[#writes + 1] = int(now)
+        due = math.min(due, now + horizon)
+      else
+        due = math.min(due, expiry)
+        if seen == nil then
+          live = live + 1
+        elseif not seen[field] then
+          seen[field] = true
+          live = live + 1
+        end
+      end
+    elseif kind == 't:' or kind == 'd:' then
+      local ends = tonumber(value) + horizon
+      if ends <= now then
+        dels[#dels + 1] = field
+      else
+        due = math.min(due, ends)
+      end
+    elseif kind == 's:' and period > 0 then
+      local ends = tonumber(string.sub(field, 3)) + 2 * period
+      if ends <= now then
+        dels[#dels + 1] = field
+      else
+        due = math.min(due, ends)
+      end
     end
   end
-  local ttl = newest + 2 * period - now
-  if ttl < 1000 then
-    ttl = 1000
+  if #dels > 0 then
+    redis.call('HDEL', key, unpack(dels))
   end
-  redis.call('PEXPIRE', KEYS[k + 6], int(ttl))
+  if released > 0 then
+    redis.call('HINCRBY', key, 'held', int(-released))
+  end
+  return moved, released, scan[1], due, live
+end
+
+-- The pass-state fields for the caller's HSET after a purge step (and the fields to delete when the
+-- pass is complete): the pass goes on from `cursor` at the next call, or is done and `due` is when
+-- the next one is.
+local function pass_state(cursor, due, writes, key)
+  if cursor == '0' then
+    writes[#writes + 1] = 'pa'
+    writes[#writes + 1] = int(due)
+    redis.call('HDEL', key, 'pc', 'pm')
+  else
+    writes[#writes + 1] = 'pc'
+    writes[#writes + 1] = cursor
+    writes[#writes + 1] = 'pm'
+    writes[#writes + 1] = int(due)
+  end
+end
+
+-- Makes sure the hash outlives `need` (ms), arming its TTL to `armed_to` when it does not. `armed`
+-- is the hash's `ttl` field (-1: persistent, left so). Appends the field to `writes`; returns the
+-- time to PEXPIREAT after the caller's HSET, or nil.
+local function arm(armed, need, armed_to, writes)
+  if armed == -1 or armed >= need then
+    return nil
+  end
+  writes[#writes + 1] = 'ttl'
+  writes[#writes + 1] = int(armed_to)
+  return armed_to
 end

@@ -1,5 +1,5 @@
 -- reserve: take one hold on every budget, all or nothing.
--- KEYS: 8 per budget (see the prelude).
+-- KEYS: one hash per budget (see the prelude).
 -- ARGV[1] reservation id   ARGV[2] lease ms   ARGV[3] tombstone horizon ms
 -- ARGV[4] a fresh epoch token, used by budgets that have none
 -- then 3 per budget: period ms (0 = lifetime), default limit, amount (micro-units)
@@ -10,125 +10,133 @@
 local id = ARGV[1]
 local lease = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[3])
-local fresh_epoch = ARGV[4]
-local n = #KEYS / 8
-if lease == nil or horizon == nil or n < 1 or n ~= math.floor(n) or #ARGV ~= 4 + 3 * n then
+local n = #KEYS
+if lease == nil or horizon == nil or n < 1 or #ARGV ~= 4 + 3 * n then
   return redis.error_reply('ERR budget reserve: bad arguments')
 end
+local periods, defaults, amounts = {}, {}, {}
 for i = 1, n do
   local a = 4 + 3 * (i - 1)
-  if tonumber(ARGV[a + 1]) == nil or tonumber(ARGV[a + 2]) == nil or tonumber(ARGV[a + 3]) == nil then
+  periods[i], defaults[i], amounts[i] = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  if periods[i] == nil or defaults[i] == nil or amounts[i] == nil then
     return redis.error_reply('ERR budget reserve: bad arguments')
   end
 end
 
 local now = now_ms()
-local ttl = lease + horizon
 local expiry = now + lease
+local hold = 'h:' .. id
 local ids = {}
 local purged = 0
 local rows = {}
 local rejected = false
 for i = 1, n do
-  local k = 8 * (i - 1) + 1
-  local a = 4 + 3 * (i - 1)
-  local period = tonumber(ARGV[a + 1])
-  local amount = tonumber(ARGV[a + 3])
-  local vals = redis.call('MGET', KEYS[k], KEYS[k + 3], KEYS[k + 4], KEYS[k + 7])
-  local purge_at, armed = parse_meta(vals[4])
-  local meta_dirty = false
-  if purge_at <= now then
-    local moved
-    moved, purge_at = purge(k, now, horizon, ttl, ids)
+  local key = KEYS[i]
+  local window = window_of(now, periods[i])
+  local v = redis.call('HMGET', key, 'held', 'epoch', 'limit', 'ttl', 'pa', 'pc', 'pm', 's:' .. int(window), hold)
+  local held = tonumber(v[1]) or 0
+  local pa = tonumber(v[5]) or 0
+  local pm = tonumber(v[7])
+  local writes = {}
+  if not v[4] then
+    -- No hash yet (every hash has a `ttl` field): nothing to purge.
+    pa = NEVER
+  elseif pa <= now then
+    local moved, released, cursor
+    moved, released, cursor, pm = purge_step(key, v[6] or '0', pm or NEVER, now, horizon, periods[i], ids, writes)
     purged = purged + moved
-    meta_dirty = true
-    if moved > 0 then
-      vals[1] = redis.call('GET', KEYS[k])
+    held = held - released
+    pass_state(cursor, pm, writes, key)
+    if cursor == '0' then
+      pa, pm = pm, nil
     end
   end
-  local window = 0
-  if period > 0 then
-    window = now - now % period
-  end
-  local held = tonumber(vals[1]) or 0
   if held < 0 then
     held = 0
   end
-  local limit = tonumber(vals[3]) or tonumber(ARGV[a + 2])
-  local spent = tonumber(redis.call('HGET', KEYS[k + 6], int(window))) or 0
-  local ok = (limit - spent - held > 0) and (spent + held + amount <= limit)
+  local limit = tonumber(v[3]) or defaults[i]
+  local spent = tonumber(v[8]) or 0
+  local ok = (limit - spent - held > 0) and (spent + held + amounts[i] <= limit)
   if not ok then
     rejected = true
   end
-  rows[i] = {window, vals[2], limit, spent, held, amount, ok, purge_at, armed, meta_dirty}
+  rows[i] = {window, v, limit, spent, held, ok, pa, pm, writes}
 end
 
-local function replay_reply()
-  local out = {2, now, purged, ids}
+-- A retried reserve whose first attempt was admitted finds its own hold (and counts it as held).
+local replay = rows[1][2][9] ~= false
+if rejected or replay then
+  -- Nothing is added; only what a purge step changed is written, to budgets that exist.
+  local out = {replay and 2 or 0, now, purged, ids}
   for i = 1, n do
     local r = rows[i]
-    out[#out + 1] = {r[1], r[2] or '', r[3], r[3] - r[4] - r[5]}
-  end
-  return out
-end
-
-local first = id .. '|' .. ARGV[7]
-if rejected then
-  -- A retried reserve whose first attempt was admitted counts its own hold as held: find it.
-  if redis.call('ZSCORE', KEYS[2], first) then
-    return replay_reply()
-  end
-  for i = 1, n do
-    local r = rows[i]
-    if r[10] then
-      write_meta(8 * (i - 1) + 1, r[8], r[9], ttl)
+    if #r[9] > 0 and r[2][4] then
+      redis.call('HSET', KEYS[i], unpack(r[9]))
+    end
+    if replay then
+      out[#out + 1] = {r[1], r[2][2] or '', r[3], r[3] - r[4] - r[5]}
+    else
+      out[#out + 1] = {r[1], r[3], r[4], r[5], r[6] and 1 or 0}
     end
   end
-  local out = {0, now, purged, ids}
-  for i = 1, n do
-    local r = rows[i]
-    out[#out + 1] = {r[1], r[3], r[4], r[5], r[7] and 1 or 0}
-  end
   return out
-end
-
--- ZADD NX on the first budget both takes its hold and detects a retried reserve.
-if redis.call('ZADD', KEYS[2], 'NX', int(expiry), first) == 0 then
-  return replay_reply()
 end
 
 local out = {1, now, purged, ids}
 for i = 1, n do
-  local k = 8 * (i - 1) + 1
+  local key = KEYS[i]
   local r = rows[i]
-  if i > 1 then
-    redis.call('ZADD', KEYS[k + 1], int(expiry), id .. '|' .. ARGV[4 + 3 * (i - 1) + 3])
-  end
-  redis.call('INCRBY', KEYS[k], ARGV[4 + 3 * (i - 1) + 3])
-  local epoch = r[2]
-  local purge_at, armed, dirty = r[8], r[9], r[10]
+  local window, v, limit, spent, held, pa, pm, writes = r[1], r[2], r[3], r[4], r[5], r[7], r[8], r[9]
+  local amount = amounts[i]
+  writes[#writes + 1] = hold
+  writes[#writes + 1] = int(expiry) .. ':' .. int(amount)
+  writes[#writes + 1] = 'held'
+  writes[#writes + 1] = int(held + amount)
+  local epoch = v[2]
   if not epoch then
-    epoch = fresh_epoch
-    redis.call('SET', KEYS[k + 3], epoch)
-    armed = 0
+    epoch = ARGV[4]
+    writes[#writes + 1] = 'epoch'
+    writes[#writes + 1] = epoch
   end
-  if armed < now + lease + horizon then
-    -- Re-arm the TTLs about once per horizon, not on every reserve.
-    local armed_ttl = arm_ttl(lease, horizon)
-    arm(k, armed_ttl)
-    armed = now + armed_ttl
-    dirty = true
-  elseif r[5] == 0 then
-    -- The holds set may have been empty (and deleted): give the new one its TTL.
-    redis.call('PEXPIRE', KEYS[k + 1], int(armed - now))
+  -- The new hold may be the first to expire: the pass in progress, or the next one, must see it.
+  -- So must the previous window, when this is the first reserve that sees a new one: it can go
+  -- once this one is a period old.
+  local due = expiry
+  if not v[8] and periods[i] > 0 then
+    due = math.min(due, window + periods[i])
   end
-  if expiry < purge_at then
-    purge_at = expiry
-    dirty = true
+  if pm then
+    if due < pm then
+      writes[#writes + 1] = 'pm'
+      writes[#writes + 1] = int(due)
+    end
+  elseif due < pa then
+    writes[#writes + 1] = 'pa'
+    writes[#writes + 1] = int(due)
   end
-  if dirty then
-    write_meta(k, purge_at, armed, armed - now)
+  local armed = tonumber(v[4]) or 0
+  local persist = false
+  local expire_at = nil
+  if v[3] or periods[i] == 0 then
+    -- A limit override or a lifetime spend must not expire.
+    if armed ~= -1 then
+      writes[#writes + 1] = 'ttl'
+      writes[#writes + 1] = '-1'
+      persist = true
+    end
+  else
+    -- The epoch outlives every write by the horizon and the spend its window: re-armed about
+    -- once per horizon, not on every reserve.
+    local period = periods[i]
+    expire_at = arm(armed, math.max(expiry + horizon, window + period),
+      math.max(expiry + 2 * horizon, window + period + horizon), writes)
   end
-  out[#out + 1] = {r[1], epoch, r[3], r[3] - r[4] - r[5] - r[6]}
+  redis.call('HSET', key, unpack(writes))
+  if expire_at then
+    redis.call('PEXPIREAT', key, int(expire_at))
+  elseif persist then
+    redis.call('PERSIST', key)
+  end
+  out[#out + 1] = {window, epoch, limit, limit - spent - held - amount}
 end
 return out

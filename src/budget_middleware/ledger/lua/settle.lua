@@ -1,5 +1,5 @@
 -- settle: end one reservation exactly once; remove its holds and add the actual cost to spent.
--- KEYS: 8 per budget (see the prelude).
+-- KEYS: one hash per budget (see the prelude).
 -- ARGV[1] reservation id   ARGV[2] actual (micro-units)   ARGV[3] tombstone horizon ms
 -- ARGV[4] the id's creation time ms
 -- then 4 per budget: amount held, window (-1: the reserve's reply never came, release only),
@@ -9,42 +9,41 @@ local id = ARGV[1]
 local actual = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[3])
 local id_time = tonumber(ARGV[4])
-local n = #KEYS / 8
-if actual == nil or actual < 0 or horizon == nil or id_time == nil or n < 1
-    or n ~= math.floor(n) or #ARGV ~= 4 + 4 * n then
+local n = #KEYS
+if actual == nil or actual < 0 or horizon == nil or id_time == nil or n < 1 or #ARGV ~= 4 + 4 * n then
   return redis.error_reply('ERR budget settle: bad arguments')
 end
 for i = 1, n do
   local a = 4 + 4 * (i - 1)
-  local window = tonumber(ARGV[a + 2])
-  if tonumber(ARGV[a + 1]) == nil or window == nil or tonumber(ARGV[a + 4]) == nil
+  local amount, window = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  if amount == nil or amount < 0 or window == nil or tonumber(ARGV[a + 4]) == nil
       or (window < 0 and actual ~= 0) then
     return redis.error_reply('ERR budget settle: bad arguments')
   end
 end
 
+local hold, tombstone, done = 'h:' .. id, 't:' .. id, 'd:' .. id
 local out = {}
 for i = 1, n do
-  local k = 8 * (i - 1) + 1
+  local key = KEYS[i]
   local a = 4 + 4 * (i - 1)
   local window = tonumber(ARGV[a + 2])
-  local epoch = ARGV[a + 3]
   local period = tonumber(ARGV[a + 4])
-  local member = id .. '|' .. ARGV[a + 1]
   local outcome
-  if redis.call('ZREM', KEYS[k + 1], member) == 1 then
-    redis.call('DECRBY', KEYS[k], ARGV[a + 1])
+  if redis.call('HDEL', key, hold) == 1 then
+    redis.call('HINCRBY', key, 'held', int(-tonumber(ARGV[a + 1])))
     outcome = 'applied'
-  elseif redis.call('ZREM', KEYS[k + 2], member) == 1 then
+  elseif redis.call('HDEL', key, tombstone) == 1 then
     outcome = 'late'
   elseif window < 0 then
     outcome = 'duplicate'
   else
     local now = now_ms()
     local old = id_time < now - horizon
-    if redis.call('GET', KEYS[k + 3]) == epoch then
+    local st = redis.call('HMGET', key, 'epoch', done, 'ttl', 'pa', 'pm')
+    if st[1] == ARGV[a + 3] then
       if old then outcome = 'stale' else outcome = 'duplicate' end
-    elseif redis.call('ZSCORE', KEYS[k + 5], id) then
+    elseif st[2] then
       outcome = 'duplicate'
     elseif old then
       outcome = 'stale'
@@ -53,13 +52,35 @@ for i = 1, n do
       -- failover that lost writes): the spend happened, so apply it, and remember the id for
       -- its own retries.
       outcome = 'recovered'
-      redis.call('ZADD', KEYS[k + 5], int(now), id)
-      redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', int(now - horizon))
-      redis.call('PEXPIRE', KEYS[k + 5], int(horizon))
+      local writes = {done, int(now)}
+      -- The done record is swept after the horizon: the next purge pass must come by then.
+      local ends = now + horizon
+      if st[5] then
+        if ends < tonumber(st[5]) then
+          writes[#writes + 1] = 'pm'
+          writes[#writes + 1] = int(ends)
+        end
+      elseif ends < (tonumber(st[4]) or NEVER) then
+        writes[#writes + 1] = 'pa'
+        writes[#writes + 1] = int(ends)
+      end
+      local armed = tonumber(st[3]) or 0
+      local expire_at = nil
+      if period == 0 then
+        writes[#writes + 1] = 'ttl'
+        writes[#writes + 1] = '-1'
+      else
+        expire_at = arm(armed, math.max(now + horizon, window + period),
+          math.max(now + 2 * horizon, window + period + horizon), writes)
+      end
+      redis.call('HSET', key, unpack(writes))
+      if expire_at then
+        redis.call('PEXPIREAT', key, int(expire_at))
+      end
     end
   end
   if actual > 0 and window >= 0 and outcome ~= 'duplicate' and outcome ~= 'stale' then
-    add_spent(k, window, actual, period)
+    redis.call('HINCRBY', key, 's:' .. int(window), ARGV[2])
   end
   out[i] = outcome
 end

@@ -1,30 +1,35 @@
--- usage: a budget's state in its current window (purging expired holds first).
--- KEYS: 8 (see the prelude).
+-- usage: a budget's state in its current window, after a whole purge pass.
+-- KEYS: the budget's hash (see the prelude).
 -- ARGV[1] period ms   ARGV[2] default limit   ARGV[3] tombstone horizon ms
 -- Returns {now, window, limit, spent, held, live holds, purged, {expired ids}}
+-- An operator's call, not a request's: it scans every field of the budget to count its live holds.
 local period = tonumber(ARGV[1])
 local limit_default = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[3])
-if #KEYS ~= 8 or period == nil or limit_default == nil or horizon == nil then
+if #KEYS ~= 1 or period == nil or limit_default == nil or horizon == nil then
   return redis.error_reply('ERR budget usage: bad arguments')
 end
+local key = KEYS[1]
 local now = now_ms()
-local ids = {}
-local purged, purge_at = purge(1, now, horizon, 2 * horizon, ids)
-if purged > 0 then
-  local _, armed = parse_meta(redis.call('GET', KEYS[8]))
-  if armed > now then
-    write_meta(1, purge_at, armed, armed - now)
-  end
+local window = window_of(now, period)
+local ids, writes, seen = {}, {}, {}
+local purged, live = 0, 0
+local cursor, due = '0', NEVER
+repeat
+  local moved, _, count
+  moved, _, cursor, due, count = purge_step(key, cursor, due, now, horizon, period, ids, writes, seen)
+  purged = purged + moved
+  live = live + count
+until cursor == '0'
+local v = redis.call('HMGET', key, 'held', 'limit', 's:' .. int(window), 'ttl')
+if v[4] then
+  -- A whole pass ran: it replaces one that was in progress.
+  pass_state('0', due, writes, key)
+  redis.call('HSET', key, unpack(writes))
 end
-local window = 0
-if period > 0 then
-  window = now - now % period
-end
-local held = tonumber(redis.call('GET', KEYS[1])) or 0
+local held = tonumber(v[1]) or 0
 if held < 0 then
   held = 0
 end
-local limit = tonumber(redis.call('GET', KEYS[5])) or limit_default
-local spent = tonumber(redis.call('HGET', KEYS[7], int(window))) or 0
-return {now, window, limit, spent, held, redis.call('ZCARD', KEYS[2]), purged, ids}
+local limit = tonumber(v[2]) or limit_default
+return {now, window, limit, tonumber(v[3]) or 0, held, live, purged, ids}

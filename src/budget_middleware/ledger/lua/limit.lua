@@ -1,0 +1,24 @@
+-- limit: set or clear a budget's per-entity limit override.
+-- KEYS: the budget's hash (see the prelude).
+-- ARGV[1] the limit (micro-units), or '' to clear it   ARGV[2] period ms   ARGV[3] horizon ms
+-- An override is an operator's setting: while it is set the hash has no TTL. Cleared, the hash
+-- gets one again (its spend kept until its window ends), re-armed as usual by the next reserve.
+local limit = ARGV[1]
+local period = tonumber(ARGV[2])
+local horizon = tonumber(ARGV[3])
+if #KEYS ~= 1 or period == nil or horizon == nil or (limit ~= '' and tonumber(limit) == nil) then
+  return redis.error_reply('ERR budget limit: bad arguments')
+end
+local key = KEYS[1]
+if limit ~= '' then
+  redis.call('HSET', key, 'limit', limit, 'ttl', '-1')
+  redis.call('PERSIST', key)
+  return 1
+end
+if redis.call('HDEL', key, 'limit') == 1 and period > 0 then
+  local now = now_ms()
+  local expire_at = math.max(now + 2 * horizon, window_of(now, period) + period + horizon)
+  redis.call('HSET', key, 'ttl', int(expire_at))
+  redis.call('PEXPIREAT', key, int(expire_at))
+end
+return 0
