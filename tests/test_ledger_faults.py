@@ -1,8 +1,8 @@
 """Faults against a real redis-server: lost replies and retries, outages, secrets, NOSCRIPT.
 
 A lost reply is the hard case of exactly-once: the script ran on the server, the caller saw a
-connection error and retries. ``LossyRedis`` lets a command run and then raises
-``ConnectionError`` instead of returning its reply (or raises before sending, for a request that
+connection error and retries. ``LossyRedis``'s connections let a write run and then raise
+``ConnectionError`` instead of returning its replies (or raise before sending, for a request that
 never arrived), which the ledger turns into ``LedgerUnavailable`` like any outage.
 """
 
@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
-from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from budget_middleware.keys import Budget
 from budget_middleware.ledger import (
@@ -44,9 +45,9 @@ T = TypeVar("T")
 
 @dataclass
 class Fault:
-    """Lose the reply of the next command (or pipeline) that runs the script ``sha``.
+    """Lose the reply of the next write (one command or a pipelined batch) that runs ``sha``.
 
-    ``before=True`` fails the call before it is sent: the request never reached the server.
+    ``before=True`` fails the write before it is sent: the request never reached the server.
     ``LossyRedis.lost`` counts the faults that fired, of either kind.
     """
 
@@ -55,32 +56,83 @@ class Fault:
     times: int = 1
 
 
-class LossyPipeline(Pipeline):
+def split_commands(data: bytes) -> list[bytes]:
+    """The RESP commands (arrays of bulk strings) in a packed write, each as its own bytes."""
+    commands = []
+    at = 0
+    while at < len(data):
+        start = at
+        end = data.index(b"\r\n", at)
+        count = int(data[at + 1 : end])
+        at = end + 2
+        for _ in range(count):
+            end = data.index(b"\r\n", at)
+            at = end + 2 + int(data[at + 1 : end]) + 2
+        commands.append(data[start:at])
+    return commands
+
+
+class LossyConnection(aioredis.Connection):
+    """A connection that loses replies as its client's faults say, below the ledger's own code.
+
+    A fault is matched on a write: the ledger's pipelined batches and single commands alike. A
+    reply is lost only after every reply of the write was read off the socket (so the commands
+    certainly ran), and only when no script answered NOSCRIPT (then nothing ran).
+    """
+
     owner: LossyRedis
 
-    async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        shas = {str(args[1]) for args, _ in self.command_stack if args[0] == "EVALSHA"}
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # One plan per write not yet read (redis-py pipelines writes when it connects).
+        self._plans: list[tuple[int, int | None, set[str]]] = []
+        self._buffered: list[Any] = []
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        data = command if isinstance(command, bytes) else b"".join(command)
+        commands = split_commands(data)
+        shas = {sha for sha in self.owner.watched() if sha.encode() in data}
         if self.owner.take_fault(shas, before=True) is not None:
-            await self.reset()
             raise rexc.ConnectionError("injected: request lost before it was sent")
         flush_at = None
-        if self.owner.flush_mid_batch and len(self.command_stack) > 1:
+        evalshas = sum(1 for c in commands if b"\r\nEVALSHA\r\n" in c[:20])
+        if self.owner.flush_mid_batch and evalshas > 1:
             # Another client flushes the script cache after the first command of this batch ran.
             self.owner.flush_mid_batch = False
             flush_at = 1
-            self.command_stack.insert(flush_at, (("SCRIPT", "FLUSH"), {}))
-        results = await super().execute(raise_on_error=raise_on_error)
-        if flush_at is not None:
-            del results[flush_at]
-        # Only a batch whose scripts ran can lose its reply (NOSCRIPT means nothing ran).
-        ran = not any(isinstance(r, rexc.NoScriptError) for r in results)
-        if ran and self.owner.take_fault(shas, before=False) is not None:
-            raise rexc.ConnectionError("injected: reply lost after the batch ran")
-        return results
+            commands.insert(flush_at, b"*2\r\n$6\r\nSCRIPT\r\n$5\r\nFLUSH\r\n")
+        self._plans.append((len(commands), flush_at, shas))
+        await super().send_packed_command(b"".join(commands), check_health)
+
+    async def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        self._plans.clear()
+        self._buffered.clear()
+        await super().disconnect(*args, **kwargs)
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._buffered and self._plans:
+            count, flush_at, shas = self._plans.pop(0)
+            replies: list[Any] = []
+            for _ in range(count):
+                try:
+                    replies.append(await super().read_response(*args, **kwargs))
+                except rexc.ResponseError as exc:
+                    replies.append(exc)
+            if flush_at is not None:
+                del replies[flush_at]
+            ran = not any(isinstance(r, rexc.NoScriptError) for r in replies)
+            if ran and self.owner.take_fault(shas, before=False) is not None:
+                raise rexc.ConnectionError("injected: reply lost after the write ran")
+            self._buffered = replies
+        assert self._buffered, "a reply read that no write asked for"
+        reply = self._buffered.pop(0)
+        if isinstance(reply, rexc.ResponseError):
+            raise reply
+        return reply
 
 
 class LossyRedis(aioredis.Redis):
-    """A redis-py asyncio client whose replies can be lost on purpose."""
+    """A redis-py asyncio client whose replies can be lost on purpose (see ``LossyConnection``)."""
 
     faults: list[Fault]
     lost: int
@@ -88,6 +140,9 @@ class LossyRedis(aioredis.Redis):
 
     def arm(self, sha: str, *, before: bool = False, times: int = 1) -> None:
         self.faults.append(Fault(sha, before, times))
+
+    def watched(self) -> set[str]:
+        return {f.sha for f in self.faults}
 
     def take_fault(self, shas: set[str], *, before: bool) -> Fault | None:
         for fault in self.faults:
@@ -99,23 +154,14 @@ class LossyRedis(aioredis.Redis):
                 return fault
         return None
 
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
-        shas = {str(args[1])} if args and args[0] == "EVALSHA" else set()
-        if shas and self.take_fault(shas, before=True) is not None:
-            raise rexc.ConnectionError("injected: request lost before it was sent")
-        reply = await super().execute_command(*args, **options)  # NOSCRIPT raises here
-        if shas and self.take_fault(shas, before=False) is not None:
-            raise rexc.TimeoutError("injected: reply lost after the command ran")
-        return reply
-
-    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
-        pipe = LossyPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
-        pipe.owner = self
-        return pipe
-
 
 def make_lossy(url: str) -> LossyRedis:
-    client = LossyRedis.from_url(url, decode_responses=True)
+    """A client that never retries on its own: every injected fault reaches the ledger."""
+    connection_class = type("BoundLossyConnection", (LossyConnection,), {})
+    client = LossyRedis.from_url(
+        url, decode_responses=True, connection_class=connection_class, retry=Retry(NoBackoff(), 0)
+    )
+    connection_class.owner = client
     client.faults = []
     client.lost = 0
     client.flush_mid_batch = False

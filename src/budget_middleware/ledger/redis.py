@@ -69,13 +69,31 @@ def redact_url(url: str) -> str:
 
 
 class _Script:
-    __slots__ = ("name", "sha", "source")
+    __slots__ = ("head", "name", "sha", "source")
 
     def __init__(self, name: str, prelude: str) -> None:
         body = resources.files(__package__).joinpath(f"lua/{name}.lua").read_text("utf-8")
         self.name = name
         self.source = prelude + "\n" + body
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+        self.head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode() + b"\r\n"
+
+
+def _bulk(value: str | int) -> bytes:
+    data = value.encode() if isinstance(value, str) else b"%d" % value
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def pack_command(*args: str | int) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(map(_bulk, args))
+
+
+def pack_evalsha(script: _Script, keys: list[str], args: list[Any]) -> bytes:
+    """One EVALSHA in the Redis protocol (RESP). Our arguments are only ``str`` and ``int``."""
+    parts = [b"*%d\r\n" % (3 + len(keys) + len(args)), script.head, _bulk(len(keys))]
+    parts += map(_bulk, keys)
+    parts += map(_bulk, args)
+    return b"".join(parts)
 
 
 def _load_scripts() -> dict[str, _Script]:
@@ -188,20 +206,10 @@ class RedisLedger:
             )
 
     async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        script = self._scripts[name]
-        client = self.client()
-        if not self._checked:
-            await self.check()
-        try:
-            try:
-                return await client.evalsha(script.sha, len(keys), *keys, *args)
-            except rexc.NoScriptError:
-                await client.script_load(script.source)
-                return await client.evalsha(script.sha, len(keys), *keys, *args)
-        except rexc.RedisError as exc:
-            raise _wrap(exc) from exc
-        except OSError as exc:
-            raise _wrap(exc) from exc
+        (reply,) = await self._eval_many([(name, keys, args)])
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
 
     async def _eval_many(self, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
         """Many script calls in one pipelined round trip (EVALSHA directly: no SCRIPT EXISTS).
@@ -217,18 +225,7 @@ class RedisLedger:
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in (0, 1):
-            try:
-                pipe = client.pipeline(transaction=False)
-                for i in todo:
-                    name, keys, args = calls[i]
-                    pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
-                if self.wait_replicas:
-                    pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-                replies = await pipe.execute(raise_on_error=False)
-            except rexc.RedisError as exc:
-                raise _wrap(exc) from exc
-            except OSError as exc:
-                raise _wrap(exc) from exc
+            replies = await self._pipeline([calls[i] for i in todo])
             if self.wait_replicas:
                 acked = replies.pop()
                 if isinstance(acked, int) and acked < self.wait_replicas:
@@ -250,6 +247,53 @@ class RedisLedger:
                 raise _wrap(exc) from exc
             todo = missing
         return results
+
+    async def _pipeline(self, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
+        """Writes the calls (and WAIT, when asked) as one packed buffer on one pooled connection,
+        then reads a reply or error per command.
+
+        This is what redis-py's pipeline does, without building a command object per call: the
+        request path sends one of these per batch of reserves, the finalizer one per batch of
+        settlements. Failures are retried as the connection's retry policy says (for a client made
+        from a URL: once, on a fresh connection, when the pooled one had gone stale); every script
+        is idempotent, so a batch that ran before its connection broke runs again harmlessly.
+        """
+        payload = b"".join([pack_evalsha(self._scripts[n], k, a) for n, k, a in calls])
+        count = len(calls)
+        if self.wait_replicas:
+            payload += pack_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            count += 1
+        pool = self.client().connection_pool
+        try:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except (rexc.RedisError, OSError) as exc:
+            raise _wrap(exc) from exc
+
+        async def round_trip() -> list[Any]:
+            await conn.send_packed_command(payload)
+            replies: list[Any] = []
+            for _ in range(count):
+                try:
+                    replies.append(await conn.read_response())
+                except rexc.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+
+        async def drop(_error: Exception) -> None:
+            await conn.disconnect()
+
+        try:
+            replies: list[Any] = await conn.retry.call_with_retry(round_trip, drop)
+            return replies
+        except (rexc.RedisError, OSError) as exc:
+            await conn.disconnect()
+            raise _wrap(exc) from exc
+        except BaseException:
+            # Cancelled mid-batch: replies may be left unread, so the connection is not reused.
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
 
     def _key(self, budget: Budget) -> str:
         """The budget's hash (cached: budgets repeat across requests)."""
