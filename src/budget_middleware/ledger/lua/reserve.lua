@@ -33,17 +33,19 @@ local rejected = false
 for i = 1, n do
   local key = KEYS[i]
   local window = window_of(now, periods[i])
-  local v = redis.call('HMGET', key, 'held', 'epoch', 'limit', 'ttl', 'pa', 'pc', 'pm', 's:' .. int(window), hold)
+  local v = redis.call('HMGET', key, 'held', 'epoch', 'limit', 'ttl', 'pa', 's:' .. int(window), hold)
   local held = tonumber(v[1]) or 0
   local pa = tonumber(v[5]) or 0
-  local pm = tonumber(v[7])
+  local pm = nil -- the due time a pass in progress has seen (a pass is in progress only while pa <= now)
   local writes = {}
   if not v[4] then
     -- No hash yet (every hash has a `ttl` field): nothing to purge.
     pa = NEVER
   elseif pa <= now then
     local moved, released, cursor
-    moved, released, cursor, pm = purge_step(key, v[6] or '0', pm or NEVER, now, horizon, periods[i], ids, writes)
+    local pass = redis.call('HMGET', key, 'pc', 'pm')
+    moved, released, cursor, pm = purge_step(key, pass[1] or '0', tonumber(pass[2]) or NEVER, now, horizon,
+      periods[i], ids, writes)
     purged = purged + moved
     held = held - released
     pass_state(cursor, pm, writes, key)
@@ -55,7 +57,7 @@ for i = 1, n do
     held = 0
   end
   local limit = tonumber(v[3]) or defaults[i]
-  local spent = tonumber(v[8]) or 0
+  local spent = tonumber(v[6]) or 0
   local ok = (limit - spent - held > 0) and (spent + held + amounts[i] <= limit)
   if not ok then
     rejected = true
@@ -64,7 +66,7 @@ for i = 1, n do
 end
 
 -- A retried reserve whose first attempt was admitted finds its own hold (and counts it as held).
-local replay = rows[1][2][9] ~= false
+local replay = rows[1][2][7] ~= false
 if rejected or replay then
   -- Nothing is added; only what a purge step changed is written, to budgets that exist.
   local out = {replay and 2 or 0, now, purged, ids}
@@ -89,7 +91,7 @@ for i = 1, n do
   local window, v, limit, spent, held, pa, pm, writes = r[1], r[2], r[3], r[4], r[5], r[7], r[8], r[9]
   local amount = amounts[i]
   writes[#writes + 1] = hold
-  writes[#writes + 1] = int(expiry) .. ':' .. int(amount)
+  writes[#writes + 1] = int(expiry) .. ':' .. ARGV[4 + 3 * i]
   writes[#writes + 1] = 'held'
   writes[#writes + 1] = int(held + amount)
   local epoch = v[2]
@@ -102,7 +104,7 @@ for i = 1, n do
   -- So must the previous window, when this is the first reserve that sees a new one: it can go
   -- once this one is a period old.
   local due = expiry
-  if not v[8] and periods[i] > 0 then
+  if not v[6] and periods[i] > 0 then
     due = math.min(due, window + periods[i])
   end
   if pm then
