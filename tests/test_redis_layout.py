@@ -207,3 +207,21 @@ class TestBoundedWork:
         assert outcomes == {"late"}
         u = await ledger.usage(b, 10**9)
         assert (u.held, u.holds, u.spent) == (0, 0, 2 * self.HOLDS)
+
+
+@pytest.mark.parametrize(
+    ("keys", "args"),
+    [
+        (["budget:{user:r:alice}"], ["0123abcd", 60_000, 86_400_000, "f00d", 0, 10**15, 0]),
+        (["budget:{user:r:a}", "budget:{team:h:" + "0" * 32 + "}"], ["id", -1, "", 7]),
+        (["k{é}"], ["ünïcode", 5]),  # not ASCII: packed per value
+    ],
+)
+def test_packed_script_calls_match_redis_py(keys: list[str], args: list[Any]) -> None:
+    from redis.asyncio.connection import Connection
+
+    from budget_middleware.ledger.redis import RedisLedger, pack_evalsha
+
+    script = RedisLedger("redis://localhost")._scripts["reserve"]
+    reference = b"".join(Connection().pack_command("EVALSHA", script.sha, len(keys), *keys, *args))
+    assert pack_evalsha(script, keys, args) == reference

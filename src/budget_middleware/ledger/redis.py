@@ -89,11 +89,14 @@ def pack_command(*args: str | int) -> bytes:
 
 
 def pack_evalsha(script: _Script, keys: list[str], args: list[Any]) -> bytes:
-    """One EVALSHA in the Redis protocol (RESP). Our arguments are only ``str`` and ``int``."""
-    parts = [b"*%d\r\n" % (3 + len(keys) + len(args)), script.head, _bulk(len(keys))]
-    parts += map(_bulk, keys)
-    parts += map(_bulk, args)
-    return b"".join(parts)
+    """One EVALSHA in the Redis protocol (RESP). Our arguments are only ``str`` and ``int``.
+
+    Keys, ids and numbers are ASCII (keys are sanitised, ids hex), so the bulk strings are built
+    as text and encoded once, where a character counts one byte; anything else is packed per value.
+    """
+    body = "".join([f"${len(v)}\r\n{v}\r\n" for v in map(str, (*keys, *args))])
+    body_bytes = body.encode() if body.isascii() else b"".join(map(_bulk, (*keys, *args)))
+    return b"*%d\r\n%b%b%b" % (3 + len(keys) + len(args), script.head, _bulk(len(keys)), body_bytes)
 
 
 def _load_scripts() -> dict[str, _Script]:
