@@ -415,6 +415,30 @@ class TestUnavailable:
             with pytest.raises(LedgerUnavailable, match="redis unavailable"):
                 await call()
 
+    async def test_a_redis_that_stops_answering_times_out_then_serves_again(
+        self, redis_url: str, redis_server: RedisServer
+    ) -> None:
+        """A batch gets one deadline (the socket timeout); the connection it broke is not reused."""
+        ledger = RedisLedger(redis_url, socket_timeout=0.3)
+        b = budget()
+        try:
+            await ledger.usage(b, 10)  # connected and checked before the pause
+            with redis_server.client() as client:
+                client.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+            started = time.monotonic()
+            with pytest.raises(LedgerUnavailable, match="redis unavailable"):
+                await ledger.reserve(new_reservation_id(), [HoldRequest(b, 10, 1)], LONG_LEASE_MS)
+            assert time.monotonic() - started < 1.4  # the timeout, not the end of the pause
+            with redis_server.client() as client:
+                client.execute_command("CLIENT", "UNPAUSE")
+            # The reserve that timed out may have run once the pause ended: it holds 1 at most.
+            r = await admit(ledger, HoldRequest(b, 10, 2))
+            assert r.holds[0].remaining in (7, 8)
+        finally:
+            with redis_server.client() as client:
+                client.execute_command("CLIENT", "UNPAUSE")
+            await ledger.aclose()
+
     async def test_more_than_a_hundred_concurrent_operations(self, redis_url: str) -> None:
         """A ledger built from a URL serves a burst of concurrent calls in one process.
 

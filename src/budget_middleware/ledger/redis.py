@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Sequence
 from importlib import resources
@@ -273,14 +274,16 @@ class RedisLedger:
             raise _wrap(exc) from exc
 
         async def round_trip() -> list[Any]:
-            await conn.send_packed_command(payload)
-            replies: list[Any] = []
-            for _ in range(count):
-                try:
-                    replies.append(await conn.read_response())
-                except rexc.ResponseError as exc:
-                    replies.append(exc)
-            return replies
+            # One deadline for the whole batch instead of a timer per reply.
+            async with asyncio.timeout(conn.socket_timeout):
+                await conn.send_packed_command(payload)
+                replies: list[Any] = []
+                for _ in range(count):
+                    try:
+                        replies.append(await conn.read_response(timeout=math.inf))
+                    except rexc.ResponseError as exc:
+                        replies.append(exc)
+                return replies
 
         async def drop(_error: Exception) -> None:
             await conn.disconnect()
