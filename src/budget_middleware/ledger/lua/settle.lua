@@ -13,11 +13,12 @@ local n = #KEYS
 if actual == nil or actual < 0 or horizon == nil or id_time == nil or n < 1 or #ARGV ~= 4 + 4 * n then
   return redis.error_reply('ERR budget settle: bad arguments')
 end
+local amounts, windows, periods = {}, {}, {}
 for i = 1, n do
   local a = 4 + 4 * (i - 1)
-  local amount, window = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  if amount == nil or amount < 0 or window == nil or tonumber(ARGV[a + 4]) == nil
-      or (window < 0 and actual ~= 0) then
+  amounts[i], windows[i], periods[i] = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 4])
+  if amounts[i] == nil or amounts[i] < 0 or windows[i] == nil or periods[i] == nil
+      or (windows[i] < 0 and actual ~= 0) then
     return redis.error_reply('ERR budget settle: bad arguments')
   end
 end
@@ -26,12 +27,12 @@ local hold, tombstone, done = 'h:' .. id, 't:' .. id, 'd:' .. id
 local out = {}
 for i = 1, n do
   local key = KEYS[i]
-  local a = 4 + 4 * (i - 1)
-  local window = tonumber(ARGV[a + 2])
-  local period = tonumber(ARGV[a + 4])
+  local window, period = windows[i], periods[i]
   local outcome
   if redis.call('HDEL', key, hold) == 1 then
-    redis.call('HINCRBY', key, 'held', int(-tonumber(ARGV[a + 1])))
+    if amounts[i] > 0 then
+      redis.call('HINCRBY', key, 'held', int(-amounts[i]))
+    end
     outcome = 'applied'
   elseif redis.call('HDEL', key, tombstone) == 1 then
     outcome = 'late'
@@ -41,7 +42,7 @@ for i = 1, n do
     local now = now_ms()
     local old = id_time < now - horizon
     local st = redis.call('HMGET', key, 'epoch', done, 'ttl', 'pa', 'pm')
-    if st[1] == ARGV[a + 3] then
+    if st[1] == ARGV[4 * i + 3] then -- the epoch the reserve returned
       if old then outcome = 'stale' else outcome = 'duplicate' end
     elseif st[2] then
       outcome = 'duplicate'
