@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanContext, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, Link, SpanContext, Status, StatusCode
 
 from .amounts import format_micros
 from .journal import Journal
@@ -601,16 +601,22 @@ class Finalizer:
         self.applied += 1
         if self.journal is not None:
             self._marks.append(s.reservation_id)
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        outcomes = self.outcomes
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
         inst = instruments()
-        inst.settlements.add(1, {ATTR.REASON: s.reason, ATTR.OUTCOME: outcome})
-        for hb, o in zip(s.holds, result.outcomes, strict=False):
-            if o in ("applied", "late", "recovered") and s.actual:
-                inst.spend.add(s.actual, {ATTR.RULE: hb.budget.rule})
-        if isinstance(s.context, SpanContext) and not s.context.is_valid:
-            # Its reserve span was not recorded: no tracing SDK is installed, so neither would
+        inst.settlements.add(1, _settlement_attrs(s.reason, outcome))
+        if s.actual:
+            for hb, o in zip(s.holds, result.outcomes, strict=False):
+                if o == "applied" or o == "late" or o == "recovered":
+                    inst.spend.add(s.actual, _rule_attrs(hb.budget.rule))
+        context = s.context
+        if context is INVALID_SPAN_CONTEXT or (
+            isinstance(context, SpanContext) and not context.is_valid
+        ):
+            # Its reserve span was not recorded: no tracing SDK was installed, so neither would
             # this one be. Skip the no-op span on the hot path.
-            self._after_record(s, result, outcome)
+            if self._on_settled is not None or outcome == "recovered" or outcome == "stale":
+                self._after_record(s, result, outcome)
             return
         links = [Link(s.context)] if isinstance(s.context, SpanContext) else []
         span = tracer.start_span(SPAN_SETTLE, context=_ROOT, links=links, start_time=started_ns)
@@ -687,6 +693,31 @@ class Finalizer:
         for r in due:
             if r.id in self._inflight:
                 self._inflight[r.id] = (r, next_at)
+
+
+# Metric attributes, built once per value: the settlement counter's by reason and outcome (a
+# handful of each), the spend counter's by rule.
+_ATTRS_CACHE_SIZE = 1024
+_settlement_attrs_cache: dict[tuple[str, str], dict[str, str]] = {}
+_rule_attrs_cache: dict[str, dict[str, str]] = {}
+
+
+def _settlement_attrs(reason: str, outcome: str) -> dict[str, str]:
+    attrs = _settlement_attrs_cache.get((reason, outcome))
+    if attrs is None:
+        if len(_settlement_attrs_cache) >= _ATTRS_CACHE_SIZE:
+            _settlement_attrs_cache.clear()
+        attrs = _settlement_attrs_cache[reason, outcome] = {ATTR.REASON: reason, ATTR.OUTCOME: outcome}
+    return attrs
+
+
+def _rule_attrs(rule: str) -> dict[str, str]:
+    attrs = _rule_attrs_cache.get(rule)
+    if attrs is None:
+        if len(_rule_attrs_cache) >= _ATTRS_CACHE_SIZE:
+            _rule_attrs_cache.clear()
+        attrs = _rule_attrs_cache[rule] = {ATTR.RULE: rule}
+    return attrs
 
 
 # How often the store may refuse one settlement (not an outage) before it is given up as lost.

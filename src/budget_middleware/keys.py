@@ -149,10 +149,9 @@ class KeySource:
         """
         kind = self.kind
         if kind == "header":
-            return _single(_header_values(scope, self.name.encode("latin-1")), self)
+            return _header(scope, self.name.encode("latin-1"), self)
         if kind == "bearer":
-            values = _header_values(scope, b"authorization")
-            auth = _single(values, self)
+            auth = _header(scope, b"authorization", self)
             if auth is None:
                 return None
             raw = auth.encode("latin-1", "surrogateescape") if isinstance(auth, str) else auth
@@ -184,6 +183,22 @@ class KeySource:
             identity = getattr(user, "identity", None)
             return str(identity) if identity else None
         return self.name  # const
+
+
+def _header(scope: MutableMapping[str, Any], name: bytes, source: KeySource) -> str | bytes | None:
+    """``_single(_header_values(...))`` in one pass without lists: it runs on every request."""
+    found = b""
+    for key, value in scope.get("headers") or ():
+        if key == name or key.lower() == name:
+            value = value.strip()
+            if not value or value == found:
+                continue
+            if found:  # a repeat that disagrees: let _single count them and raise
+                return _single(_header_values(scope, name), source)
+            found = value
+    if not found:
+        return None
+    return found.decode("ascii") if found.isascii() else found
 
 
 def _header_values(scope: MutableMapping[str, Any], name: bytes) -> list[bytes]:

@@ -13,20 +13,20 @@ import inspect
 import logging
 import multiprocessing
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import anyio
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, Status, StatusCode
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .amounts import format_micros, to_micros
+from .amounts import format_micros
 from .config import BudgetConfig, Rule
 from .costs import EstimateError, Estimator, estimate_micros
 from .finalizer import Finalizer
-from .handle import RequestBudget, get_reservation
+from .handle import RequestBudget, charge_micros, get_reservation
 from .journal import Journal
 from .keys import AmbiguousEntity, Budget, EntityHasher
 from .ledger import (
@@ -42,13 +42,22 @@ from .ledger import (
     redis_ledger_from_url,
 )
 from .responses import (
+    Headers,
     admitted_headers,
     send_missing_entity,
     send_problem,
     send_rejection,
     send_unavailable,
 )
-from .telemetry import ATTR, EVENT_HOLD_EXPIRED, SPAN_RESERVE, instruments, tracer
+from .telemetry import (
+    ATTR,
+    EVENT_HOLD_EXPIRED,
+    INVALID_SPAN,
+    SPAN_RESERVE,
+    instruments,
+    spans_recorded,
+    tracer,
+)
 
 __all__ = ["BudgetMiddleware", "RequestBudget", "get_reservation"]
 
@@ -117,13 +126,31 @@ class BudgetMiddleware:
         )
         self._estimator = estimate
         self._identify = identify
-        self._rules = self.config.rules
+        config = self.config
+        self._rules = config.rules
         self._needs_request = (
             estimate is not None or identify is not None or any(r.source is None for r in self._rules)
         )
-        self._charge_header = self.config.charge_header.encode()
-        self._exclude = tuple(p.rstrip("/") for p in self.config.exclude)
-        self._timeout_s = self.config.timeout_ms / 1000
+        # Facts the request path would otherwise work out on every request. The config is frozen
+        # and the rules are fixed for the middleware's life, so none of this goes stale.
+        self._rule_names = tuple(r.name for r in self._rules)
+        # An id from identify or a key callable stands where the rule's source would: it is a
+        # credential if that source is.
+        self._secret = tuple(r.secret or (r.source is not None and r.source.secret) for r in self._rules)
+        self._budgets: tuple[dict[str | bytes | None, Budget], ...] = tuple({} for _ in self._rules)
+        self._fixed_estimate = (
+            min(config.estimate, config.max_hold) if config.max_hold is not None else config.estimate
+        )
+        self._charges_estimate = {
+            "completed": True,
+            "disconnected": config.charge_on_disconnect == "estimate",
+            "cancelled": config.charge_on_cancel == "estimate",
+            "error": config.charge_on_error == "estimate",
+        }
+        self._charge_header = config.charge_header.encode()
+        self._exclude = tuple(p.rstrip("/") for p in config.exclude)
+        self._lease_ms = config.lease_ms
+        self._timeout_s = config.timeout_ms / 1000
         self._warned_workers = False
 
     # -- dispatch -------------------------------------------------------------------------------
@@ -219,20 +246,14 @@ class BudgetMiddleware:
         request = None
         body_read: list[Message] = []
         if self._needs_request:
-            # An estimator or identify callable may read the body; record it to replay to the app.
-            upstream = receive
-
-            async def receive_recording_body() -> Message:
-                message = await upstream()
-                if message["type"] == "http.request":
-                    body_read.append(message)
-                return message
-
-            request = Request(scope, receive_recording_body)
+            request = _recording_request(scope, receive, body_read)
 
         # 1. Who is charged, under which rule.
         try:
-            wanted = await self._resolve(scope, request)
+            if request is None:
+                wanted = self._resolve_from_scope(scope)
+            else:
+                wanted = await self._resolve(scope, request)
         except AmbiguousEntity as exc:
             await send_problem(
                 send,
@@ -258,26 +279,31 @@ class BudgetMiddleware:
             return
 
         # 2. How much to hold.
-        try:
-            estimate = await estimate_micros(self._estimator, request, config.estimate, config.max_hold)
-        except EstimateError as exc:
-            logger.error("budget: %s", exc)
-            with tracer.start_as_current_span(SPAN_RESERVE) as span:
-                span.set_attribute(ATTR.OUTCOME, "error")
-                span.set_status(Status(StatusCode.ERROR, str(exc)))
-            if config.fail_mode == "open":
-                state["budget"] = RequestBudget(metered=False, reason="estimate failed")
-                await self.app(scope, receive, send)
+        if self._estimator is None or request is None:
+            estimate = self._fixed_estimate
+        else:
+            try:
+                estimate = await estimate_micros(
+                    self._estimator, request, config.estimate, config.max_hold
+                )
+            except EstimateError as exc:
+                logger.error("budget: %s", exc)
+                with tracer.start_as_current_span(SPAN_RESERVE) as span:
+                    span.set_attribute(ATTR.OUTCOME, "error")
+                    span.set_status(Status(StatusCode.ERROR, str(exc)))
+                if config.fail_mode == "open":
+                    state["budget"] = RequestBudget(metered=False, reason="estimate failed")
+                    await self.app(scope, receive, send)
+                    return
+                await send_problem(
+                    send,
+                    500,
+                    "Budget estimate failed",
+                    "the request's cost could not be estimated",
+                    error_format=fmt,
+                    code="budget_estimate_failed",
+                )
                 return
-            await send_problem(
-                send,
-                500,
-                "Budget estimate failed",
-                "the request's cost could not be estimated",
-                error_format=fmt,
-                code="budget_estimate_failed",
-            )
-            return
 
         if body_read:
             receive = _replaying(body_read, receive)
@@ -288,7 +314,7 @@ class BudgetMiddleware:
         result = await self._reserve(rid, requests, estimate)
         if result is None:  # the ledger did not answer
             if config.fail_mode == "open":
-                instruments().reservations.add(1, {ATTR.OUTCOME: "bypassed"})
+                instruments().reservations.add(1, _OUTCOME_ATTRS["bypassed"])
                 state["budget"] = RequestBudget(metered=False, reason="ledger unavailable")
                 await self.app(scope, receive, send)
             else:
@@ -308,74 +334,23 @@ class BudgetMiddleware:
 
         # 4. Run the app, watching what it sends and whether the client leaves.
         self.finalizer.track(reservation)
-        handle = RequestBudget(
-            metered=True,
-            reservation_id=rid,
-            rules=tuple(r.name for r, _ in wanted),
-            estimate=estimate,
+        names = (
+            self._rule_names
+            if len(wanted) == len(self._rules)
+            else tuple(rule.name for rule, _ in wanted)
         )
+        handle = RequestBudget(metered=True, reservation_id=rid, rules=names, estimate=estimate)
         state["budget"] = handle
-        extra_headers = admitted_headers(reservation.holds, reservation.now_ms)
-        charge_header = self._charge_header
-        header_charges: list[int] = []
-        status = 0
-        final_sent = False
-        expect_trailers = False
-        disconnected = False
-
-        def read_charge(value: bytes, where: str) -> None:
-            try:
-                header_charges.append(to_micros(value.decode("latin-1"), what=where))
-            except ValueError as exc:
-                logger.warning("budget: ignoring bad %s on %s: %s", where, rid, exc)
-
-        async def receive_watching_disconnect() -> Message:
-            nonlocal disconnected
-            message = await receive()
-            if message["type"] == "http.disconnect" and not final_sent:
-                disconnected = True
-            return message
-
-        async def send_with_budget_headers(message: Message) -> None:
-            nonlocal status, final_sent, expect_trailers, disconnected
-            kind = message["type"]
-            final = False
-            if kind == "http.response.start":
-                status = message["status"]
-                expect_trailers = bool(message.get("trailers", False))
-                headers = []
-                for name, value in message.get("headers", ()):
-                    if name.lower() == charge_header:
-                        read_charge(value, f"{charge_header.decode()} header")
-                    else:
-                        headers.append((name, value))
-                headers.extend(extra_headers)
-                message = {**message, "headers": headers}
-            elif kind == "http.response.body":
-                final = not message.get("more_body", False) and not expect_trailers
-            elif kind == "http.response.trailers":
-                trailers = []
-                for name, value in message.get("headers", ()):
-                    if name.lower() == charge_header:
-                        read_charge(value, f"{charge_header.decode()} trailer")
-                    else:
-                        trailers.append((name, value))
-                message = {**message, "headers": trailers}
-                final = not message.get("more_trailers", False)
-            elif kind == "http.response.pathsend":
-                final = True
-            try:
-                await send(message)
-            except OSError:
-                if not final_sent:
-                    disconnected = True
-                raise
-            if final and not disconnected:
-                final_sent = True
-
+        watch = _ResponseWatch(
+            receive,
+            send,
+            admitted_headers(reservation.holds, reservation.now_ms),
+            self._charge_header,
+            rid,
+        )
         failure = ""
         try:
-            await self.app(scope, receive_watching_disconnect, send_with_budget_headers)
+            await self.app(scope, watch.receive_watching_disconnect, watch.send_with_budget_headers)
         except Exception:
             failure = "error"
             raise
@@ -383,13 +358,28 @@ class BudgetMiddleware:
             failure = "cancelled"
             raise
         finally:
-            if final_sent:
+            if watch.final_sent:
                 reason = "completed"
-            elif disconnected:
+            elif watch.disconnected:
                 reason = "disconnected"
             else:
                 reason = failure or "error"  # returned without finishing its response
-            self._submit(reservation, handle, header_charges, status, reason, span_context)
+            self._submit(reservation, handle, watch, reason, span_context)
+
+    def _resolve_from_scope(self, scope: Scope) -> list[tuple[Rule, Budget]]:
+        """``_resolve`` for rules whose ids all come from the scope: no awaits, so no coroutine."""
+        wanted: list[tuple[Rule, Budget]] = []
+        for i, rule in enumerate(self._rules):
+            assert rule.source is not None
+            raw = rule.source.extract(scope)
+            if raw is None or raw == "":
+                if rule.on_missing == "skip":
+                    continue
+                if rule.on_missing == "reject":
+                    raise _Missing(rule)
+                raw = None
+            wanted.append((rule, self._budget(i, raw)))
+        return wanted
 
     async def _resolve(self, scope: Scope, request: Request | None) -> list[tuple[Rule, Budget]]:
         overrides: Mapping[str, str | None] = {}
@@ -398,10 +388,7 @@ class BudgetMiddleware:
             found = self._identify(request)
             overrides = await found if inspect.isawaitable(found) else found
         wanted: list[tuple[Rule, Budget]] = []
-        for rule in self._rules:
-            # An id from identify or a key callable stands where the rule's source would: it is a
-            # credential if that source is.
-            secret = rule.secret or (rule.source is not None and rule.source.secret)
+        for i, rule in enumerate(self._rules):
             raw: str | bytes | None
             if rule.name in overrides:
                 raw = overrides[rule.name]
@@ -417,11 +404,31 @@ class BudgetMiddleware:
                     continue
                 if rule.on_missing == "reject":
                     raise _Missing(rule)
-                token = _ANONYMOUS
-            else:
-                token = self.hasher.token(raw, secret=secret)
-            wanted.append((rule, Budget(rule.name, token, rule.period_ms)))
+                raw = None
+            wanted.append((rule, self._budget(i, raw)))
         return wanted
+
+    def _budget(self, i: int, raw: str | bytes | None) -> Budget:
+        """The budget of rule ``i`` for entity id ``raw`` (None: anonymous).
+
+        Budgets of recent ids are kept, so a returning client costs one dict lookup instead of a
+        regex match (or an HMAC) and a new ``Budget``. A credential is never a key: its budget is
+        looked up by its digest.
+        """
+        cache = self._budgets[i]
+        token: str | None = None
+        if raw is not None and self._secret[i]:
+            token = self.hasher.token(raw, secret=True)
+        key = raw if token is None else token
+        budget = cache.get(key)
+        if budget is None:
+            if len(cache) >= _BUDGET_CACHE:
+                cache.clear()
+            if token is None:
+                token = _ANONYMOUS if raw is None else self.hasher.token(raw)
+            rule = self._rules[i]
+            budget = cache[key] = Budget(rule.name, token, rule.period_ms)
+        return budget
 
     async def _reserve(
         self, rid: str, requests: list[HoldRequest], estimate: int
@@ -431,9 +438,7 @@ class BudgetMiddleware:
         The span is a child of the request's span but is not made current: nothing inside needs
         it, and attaching a context costs more than the memory ledger's whole reserve.
         """
-        inst = instruments()
-        span = tracer.start_span(SPAN_RESERVE)
-        span_context = span.get_span_context()
+        span = tracer.start_span(SPAN_RESERVE) if spans_recorded(tracer) else INVALID_SPAN
         recording = span.is_recording()
         if recording:
             span.set_attributes(
@@ -447,10 +452,10 @@ class BudgetMiddleware:
             )
         try:
             if self._reserve_now is not None:  # memory: cannot block, so no timeout to arm
-                result = self._reserve_now(rid, requests, self.config.lease_ms)
+                result = self._reserve_now(rid, requests, self._lease_ms)
             else:
                 async with asyncio.timeout(self._timeout_s):
-                    result = await self.ledger.reserve(rid, requests, self.config.lease_ms)
+                    result = await self.ledger.reserve(rid, requests, self._lease_ms)
         except (LedgerError, TimeoutError, OSError) as exc:
             # The reserve may have run on the server: release whatever it may have held.
             self._release_unknown(rid, requests, "unavailable")
@@ -458,7 +463,7 @@ class BudgetMiddleware:
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
             span.end()
-            inst.reservations.add(1, {ATTR.OUTCOME: "unavailable"})
+            instruments().reservations.add(1, _OUTCOME_ATTRS["unavailable"])
             logger.warning("budget: reserve failed (%s: %s)", type(exc).__name__, exc)
             return None
         except BaseException:
@@ -466,12 +471,13 @@ class BudgetMiddleware:
             span.set_attribute(ATTR.OUTCOME, "cancelled")
             span.end()
             raise
+        inst = instruments()
         if result.expired_ids:
             inst.holds_expired.add(len(result.expired_ids))
             for expired in result.expired_ids:
                 span.add_event(EVENT_HOLD_EXPIRED, {ATTR.RESERVATION_ID: expired})
         outcome = "admitted" if result.admitted else "rejected"
-        inst.reservations.add(1, {ATTR.OUTCOME: outcome})
+        inst.reservations.add(1, _OUTCOME_ATTRS[outcome])
         if recording:
             span.set_attribute(ATTR.OUTCOME, outcome)
             span.set_attribute(ATTR.PURGED, result.purged)
@@ -483,7 +489,7 @@ class BudgetMiddleware:
                 span.set_attribute(ATTR.LIMITS, [v.limit for v in result.violations])
                 span.set_attribute(ATTR.REMAINING, [v.remaining for v in result.violations])
         span.end()
-        return result, span_context
+        return result, span.get_span_context()
 
     def _span_entity(self, token: str) -> str:
         return token if self.config.span_raw_ids else self.hasher.for_span(token)
@@ -497,26 +503,18 @@ class BudgetMiddleware:
         self,
         reservation: Reservation,
         handle: RequestBudget,
-        header_charges: list[int],
-        status: int,
+        watch: _ResponseWatch,
         reason: str,
         span_context: trace.SpanContext,
     ) -> None:
         """Decide the actual cost and hand the settlement over. Synchronous: cannot be cancelled."""
         estimate = handle._estimate
-        if handle._reported or header_charges:
-            actual = handle._charged + sum(header_charges)
-        elif status >= 400:
+        if handle._reported or watch.reported:
+            actual = handle._charged + watch.charged
+        elif watch.status >= 400:
             actual = 0
         else:
-            config = self.config
-            choice = {
-                "completed": "estimate",
-                "disconnected": config.charge_on_disconnect,
-                "cancelled": config.charge_on_cancel,
-                "error": config.charge_on_error,
-            }[reason]
-            actual = estimate if choice == "estimate" else 0
+            actual = estimate if self._charges_estimate[reason] else 0
         handle._closed = True
         if actual > estimate:
             logger.info(
@@ -525,7 +523,11 @@ class BudgetMiddleware:
                 format_micros(actual),
                 format_micros(estimate),
             )
-        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
+        trace_id = (
+            ""
+            if span_context is INVALID_SPAN_CONTEXT or not span_context.is_valid
+            else format(span_context.trace_id, "032x")
+        )
         self.finalizer.submit(
             Settlement(
                 reservation.id,
@@ -553,6 +555,115 @@ class BudgetMiddleware:
             error_format=self.config.error_format,
             code="budget_identify_failed",
         )
+
+
+class _ResponseWatch:
+    """What one admitted request's response does: its status, the cost it reports in the charge
+    header or trailer, whether its final message went out, and whether the client left.
+
+    One small object with two bound methods, made on every metered request: cheaper than the
+    closures (and their cells) it replaces, and it keeps all per-request state out of the
+    middleware instance.
+    """
+
+    __slots__ = (
+        "_budget_headers",
+        "_charge_header",
+        "_receive",
+        "_rid",
+        "_send",
+        "charged",
+        "disconnected",
+        "expect_trailers",
+        "final_sent",
+        "reported",
+        "status",
+    )
+
+    def __init__(
+        self, receive: Receive, send: Send, budget_headers: Headers, charge_header: bytes, rid: str
+    ) -> None:
+        self._receive = receive
+        self._send = send
+        self._budget_headers = budget_headers
+        self._charge_header = charge_header
+        self._rid = rid
+        self.status = 0
+        self.charged = 0  # reported in the charge header or trailer, in micro-units
+        self.reported = False
+        self.final_sent = False
+        self.expect_trailers = False
+        self.disconnected = False
+
+    async def receive_watching_disconnect(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and not self.final_sent:
+            self.disconnected = True
+        return message
+
+    async def send_with_budget_headers(self, message: Message) -> None:
+        kind = message["type"]
+        final = False
+        if kind == "http.response.start":
+            self.status = message["status"]
+            self.expect_trailers = bool(message.get("trailers", False))
+            headers = self._without_charge(message.get("headers", ()), "header")
+            headers.extend(self._budget_headers)
+            message = {**message, "headers": headers}
+        elif kind == "http.response.body":
+            final = not message.get("more_body", False) and not self.expect_trailers
+        elif kind == "http.response.trailers":
+            message = {**message, "headers": self._without_charge(message.get("headers", ()), "trailer")}
+            final = not message.get("more_trailers", False)
+        elif kind == "http.response.pathsend":
+            final = True
+        try:
+            await self._send(message)
+        except OSError:
+            if not self.final_sent:
+                self.disconnected = True
+            raise
+        if final and not self.disconnected:
+            self.final_sent = True
+
+    def _without_charge(self, headers: Iterable[tuple[bytes, bytes]], where: str) -> Headers:
+        """The headers minus the internal charge header, whose value is read as the cost."""
+        kept = []
+        charge_header = self._charge_header
+        for name, value in headers:
+            if name.lower() == charge_header:
+                self._read_charge(value, f"{charge_header.decode()} {where}")
+            else:
+                kept.append((name, value))
+        return kept
+
+    def _read_charge(self, value: bytes, where: str) -> None:
+        try:
+            self.charged += charge_micros(value.decode("latin-1"), where)
+            self.reported = True
+        except ValueError as exc:
+            logger.warning("budget: ignoring bad %s on %s: %s", where, self._rid, exc)
+
+
+# Built once: the attributes of the reservation counter, by outcome.
+_OUTCOME_ATTRS = {
+    outcome: {ATTR.OUTCOME: outcome} for outcome in ("admitted", "rejected", "unavailable", "bypassed")
+}
+# Budgets kept per rule for recent entity ids (``BudgetMiddleware._budget``).
+_BUDGET_CACHE = 4096
+
+
+def _recording_request(scope: Scope, receive: Receive, body_read: list[Message]) -> Request:
+    """A ``Request`` for an estimator or identify callable, which may read the body: what they
+    read is recorded in ``body_read``, to be replayed to the app."""
+
+    async def receive_recording_body() -> Message:
+        message = await receive()
+        if message["type"] == "http.request":
+            body_read.append(message)
+        return message
+
+    return Request(scope, receive_recording_body)
 
 
 def _replaying(messages: list[Message], receive: Receive) -> Receive:

@@ -26,7 +26,7 @@ Headers = list[tuple[bytes, bytes]]
 
 
 def _seconds(ms: int) -> int:
-    return max(0, math.ceil(ms / 1000))
+    return max(0, -(-ms // 1000))  # whole seconds, rounded up
 
 
 _policy_cache: dict[tuple[tuple[str, int, int], ...], bytes] = {}
@@ -60,9 +60,37 @@ def rate_limit_headers(
 
 
 def admitted_headers(holds: Sequence[HeldBudget], now_ms: int) -> Headers:
-    return rate_limit_headers(
-        [(h.budget.rule, h.limit, h.remaining, h.budget.period_ms, h.reset_ms, now_ms) for h in holds]
-    )
+    """The headers of an admitted request: ``rate_limit_headers`` of its holds.
+
+    This runs on every request, and most have one rule: for them the policy header is one cache
+    lookup and only the two numbers that change are formatted.
+    """
+    if len(holds) != 1:
+        return rate_limit_headers(
+            [
+                (h.budget.rule, h.limit, h.remaining, h.budget.period_ms, h.reset_ms, now_ms)
+                for h in holds
+            ]
+        )
+    (h,) = holds
+    budget = h.budget
+    rule = budget.rule
+    key = (rule, h.limit, budget.period_ms)
+    policy = _single_policy_cache.get(key)
+    if policy is None:
+        if len(_single_policy_cache) >= 1024:
+            _single_policy_cache.clear()
+        policy = _single_policy_cache[key] = (b"ratelimit-policy", _policy_header((key,)))
+    remaining = h.remaining if h.remaining > 0 else 0
+    if h.reset_ms is None:
+        state = f'"{rule}";r={remaining}'
+    else:
+        wait_ms = h.reset_ms - now_ms
+        state = f'"{rule}";r={remaining};t={-(-wait_ms // 1000) if wait_ms > 0 else 0}'
+    return [policy, (b"ratelimit", state.encode())]
+
+
+_single_policy_cache: dict[tuple[str, int, int], tuple[bytes, bytes]] = {}
 
 
 def retry_after(violations: Sequence[Violation], hold_retry_after_s: int) -> int | None:

@@ -10,11 +10,13 @@ from opentelemetry import metrics, trace
 
 __all__ = [
     "ATTR",
+    "INVALID_SPAN",
     "SPAN_RENEW",
     "SPAN_RESERVE",
     "SPAN_SETTLE",
     "Instruments",
     "instruments",
+    "spans_recorded",
     "tracer",
 ]
 
@@ -55,6 +57,24 @@ class ATTR:
 
 
 tracer = trace.get_tracer("budget_middleware", "0.1.0")
+
+INVALID_SPAN = trace.INVALID_SPAN
+
+
+def spans_recorded(t: trace.Tracer) -> bool:
+    """False when every span ``t`` starts is a no-op: ``t`` is the API's proxy tracer (what
+    ``trace.get_tracer`` returns) and no tracer provider is installed yet.
+
+    Starting a no-op span still looks up the current context, which costs the request path as much
+    as the memory ledger's reserve, so the hot path asks this first. Asked on every request: a
+    provider installed at any time gets its spans from the next request on. The public
+    ``trace.get_tracer_provider()`` reads ``os.environ`` on every call until one is installed, so
+    this reads the global the proxy tracer itself consults; should that private name ever go,
+    every span is started, as before.
+    """
+    if type(t) is not trace.ProxyTracer:
+        return True  # an SDK tracer, or one a test or an application passed in
+    return getattr(trace, "_TRACER_PROVIDER", True) is not None
 
 
 class Instruments:

@@ -1,0 +1,164 @@
+"""The request path's fast paths give exactly what the general code they stand in for gives.
+
+Each fast path (plain charge strings, one hold's RateLimit headers, one-pass header ids, budgets
+kept per entity id, spans skipped without a tracer provider) is checked against the slower code
+it replaces, on ordinary and on awkward input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.types import Receive, Scope, Send
+
+import budget_middleware.middleware as middleware_module
+from asgi_helpers import RecordingSend, ScriptedReceive, http_scope, settle_all
+from budget_middleware import BudgetConfig, BudgetMiddleware, MemoryLedger, Rule, to_micros
+from budget_middleware.handle import charge_micros
+from budget_middleware.keys import AmbiguousEntity, Budget, KeySource, _header_values, _single
+from budget_middleware.ledger import HeldBudget
+from budget_middleware.responses import admitted_headers, rate_limit_headers
+from budget_middleware.telemetry import SPAN_RESERVE, spans_recorded
+
+AMOUNTS = [
+    "0", "0.000001", "1", "1.5", "007.50", "123456789", "999999999.999999", "1234567890",
+    "0.1234567", "1.", ".5", " 2", "2 ", "", ".", "1e3", "+1", "-1", "1_0", "0.0_1",
+    "\u0661", "\u00b2", "1.\u00b2", "NaN", "inf", 3, 2.5, "4503599627",
+]  # fmt: skip
+
+
+def micros_or_error(convert: Any, value: Any) -> object:
+    try:
+        return convert(value)
+    except ValueError as exc:
+        return ("error", str(exc))
+
+
+@pytest.mark.parametrize("value", AMOUNTS)
+def test_a_charge_converts_exactly_as_to_micros_does(value: Any) -> None:
+    fast = micros_or_error(lambda v: charge_micros(v, "charge"), value)
+    assert fast == micros_or_error(lambda v: to_micros(v, what="charge"), value)
+
+
+def held(remaining: int, reset_ms: int | None, period_ms: int = 86_400_000) -> HeldBudget:
+    return HeldBudget(Budget("user", "r:alice", period_ms), 5, 0, "e", 100, remaining, reset_ms)
+
+
+@pytest.mark.parametrize(
+    ("remaining", "reset_ms", "period_ms"),
+    [
+        (95, 86_400_000, 86_400_000),
+        (0, 1_000, 1_000),
+        (-7, 1_001, 1_000),  # an overrun: never a negative remaining
+        (10, 999, 1_000),  # reset in the past: zero seconds, not negative
+        (10, None, 0),  # a lifetime budget: no reset
+    ],
+)
+def test_one_holds_ratelimit_headers_are_the_general_ones(
+    remaining: int, reset_ms: int | None, period_ms: int
+) -> None:
+    hold = held(remaining, reset_ms, period_ms)
+    general = rate_limit_headers([("user", 100, remaining, period_ms, reset_ms, 1_000)])
+    assert admitted_headers([hold], 1_000) == general
+    assert admitted_headers([hold], 1_000) == general  # and again, from the cache
+
+
+HEADER_CASES: list[list[tuple[bytes, bytes]]] = [
+    [],
+    [(b"x-user", b"alice")],
+    [(b"X-User", b" alice ")],
+    [(b"x-user", b""), (b"x-user", b"bob")],
+    [(b"x-user", b"bob"), (b"x-user", b"bob")],
+    [(b"x-user", b"bob"), (b"x-other", b"eve"), (b"x-user", b"eve")],
+    [(b"x-user", b"b\xc3\xb6b")],
+    [(b"x-user", b"   ")],
+]
+
+
+@pytest.mark.parametrize("headers", HEADER_CASES)
+def test_a_header_id_is_found_as_the_general_lookup_finds_it(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    source = KeySource.parse("header:x-user")
+    scope = {"headers": headers}
+    try:
+        expected: object = _single(_header_values(scope, b"x-user"), source)
+    except AmbiguousEntity as exc:
+        expected = ("ambiguous", str(exc))
+    try:
+        found: object = source.extract(scope)
+    except AmbiguousEntity as exc:
+        found = ("ambiguous", str(exc))
+    assert found == expected
+
+
+async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok", "more_body": False})
+
+
+async def test_an_id_spelled_anonymous_is_not_the_anonymous_budget() -> None:
+    ledger = MemoryLedger()
+    config = BudgetConfig(rules=(Rule("user", "header:x-user", 10, on_missing="anonymous"),), estimate=1)
+    mw = BudgetMiddleware(ok_app, config, ledger=ledger)
+    for headers in ([], [("x-user", "anonymous")], [], [("x-user", "anonymous")]):
+        await mw(http_scope(headers=headers), ScriptedReceive(), RecordingSend())
+    await settle_all(mw.finalizer)
+    entities = {entity for _rule, entity in ledger._states}
+    assert entities == {"anonymous", "r:anonymous"}
+    for entity in entities:
+        budget = Budget("user", entity, config.rules[0].period_ms)
+        assert (await ledger.usage(budget, 10)).spent == 2
+
+
+async def test_a_credential_is_kept_only_as_its_digest() -> None:
+    config = BudgetConfig(rules=(Rule("key", "bearer", 10),), estimate=1)
+    mw = BudgetMiddleware(ok_app, config, ledger=MemoryLedger())
+    await mw(
+        http_scope(headers=[("authorization", "Bearer sk-secret")]), ScriptedReceive(), RecordingSend()
+    )
+    await settle_all(mw.finalizer)
+    (cache,) = mw._budgets
+    assert all(isinstance(k, str) and k.startswith("h:") for k in cache)
+    assert all("sk-secret" not in budget.entity for budget in cache.values())
+
+
+@pytest.fixture
+def provider() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        yield provider, exporter
+    finally:
+        provider.shutdown()
+
+
+async def test_a_tracer_provider_installed_after_the_middleware_gets_spans(
+    monkeypatch: pytest.MonkeyPatch, provider: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    sdk, exporter = provider
+    # A proxy tracer of our own, as trace.get_tracer gives before any provider is installed.
+    proxy = trace.ProxyTracer("budget_middleware", "0.1.0")
+    monkeypatch.setattr(middleware_module, "tracer", proxy)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    config = BudgetConfig(rules=(Rule("user", "header:x-user", 10),), estimate=1)
+    mw = BudgetMiddleware(ok_app, config, ledger=MemoryLedger())
+    await mw(http_scope(headers=[("x-user", "alice")]), ScriptedReceive(), RecordingSend())
+    assert not spans_recorded(proxy)
+
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", sdk)  # what set_tracer_provider does
+    assert spans_recorded(proxy)
+    await mw(http_scope(headers=[("x-user", "alice")]), ScriptedReceive(), RecordingSend())
+    await settle_all(mw.finalizer)
+    assert [s.name for s in exporter.get_finished_spans() if s.name == SPAN_RESERVE] == [SPAN_RESERVE]
+
+
+def test_an_sdk_tracer_always_records() -> None:
+    assert spans_recorded(TracerProvider().get_tracer("t"))
