@@ -235,7 +235,7 @@ class BudgetMiddleware:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         state: dict[str, Any] = scope.setdefault("state", {})
-        if not self._rules or self._excluded(scope):
+        if not self._rules or (self._exclude and self._excluded(scope)):
             state["budget"] = RequestBudget(metered=False, reason="excluded")
             await self.app(scope, receive, send)
             return
@@ -310,7 +310,9 @@ class BudgetMiddleware:
 
         # 3. Reserve every rule at once.
         rid = new_reservation_id()
-        requests = [HoldRequest(budget, rule.limit_micros, estimate) for rule, budget in wanted]
+        requests = []
+        for rule, budget in wanted:
+            requests.append(HoldRequest(budget, rule.limit_micros, estimate))
         result = await self._reserve(rid, requests, estimate)
         if result is None:  # the ledger did not answer
             if config.fail_mode == "open":
