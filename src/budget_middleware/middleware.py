@@ -440,8 +440,9 @@ class BudgetMiddleware:
         The span is a child of the request's span but is not made current: nothing inside needs
         it, and attaching a context costs more than the memory ledger's whole reserve.
         """
+        # Without a tracer provider the span is the invalid one, whose calls below do nothing.
         span = tracer.start_span(SPAN_RESERVE) if spans_recorded(tracer) else INVALID_SPAN
-        recording = span.is_recording()
+        recording = span is not INVALID_SPAN and span.is_recording()
         if recording:
             span.set_attributes(
                 {
@@ -480,6 +481,8 @@ class BudgetMiddleware:
                 span.add_event(EVENT_HOLD_EXPIRED, {ATTR.RESERVATION_ID: expired})
         outcome = "admitted" if result.admitted else "rejected"
         inst.reservations.add(1, _OUTCOME_ATTRS[outcome])
+        if span is INVALID_SPAN:  # nothing to record or end
+            return result, INVALID_SPAN_CONTEXT
         if recording:
             span.set_attribute(ATTR.OUTCOME, outcome)
             span.set_attribute(ATTR.PURGED, result.purged)
