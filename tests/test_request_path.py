@@ -162,3 +162,12 @@ async def test_a_tracer_provider_installed_after_the_middleware_gets_spans(
 
 def test_an_sdk_tracer_always_records() -> None:
     assert spans_recorded(TracerProvider().get_tracer("t"))
+
+
+async def test_long_ids_are_not_kept() -> None:
+    config = BudgetConfig(rules=(Rule("user", "header:x-user", 10),), estimate=1)
+    mw = BudgetMiddleware(ok_app, config, ledger=MemoryLedger())
+    for user in ("alice", "x" * 129):
+        await mw(http_scope(headers=[("x-user", user)]), ScriptedReceive(), RecordingSend())
+    await settle_all(mw.finalizer)
+    assert list(mw._budgets[0]) == ["alice"]

@@ -415,7 +415,8 @@ class BudgetMiddleware:
 
         Budgets of recent ids are kept, so a returning client costs one dict lookup instead of a
         regex match (or an HMAC) and a new ``Budget``. A credential is never a key: its budget is
-        looked up by its digest.
+        looked up by its digest. Long ids are not kept, so the cache stays small whatever clients
+        send.
         """
         cache = self._budgets[i]
         token: str | None = None
@@ -424,12 +425,14 @@ class BudgetMiddleware:
         key = raw if token is None else token
         budget = cache.get(key)
         if budget is None:
-            if len(cache) >= _BUDGET_CACHE:
-                cache.clear()
             if token is None:
                 token = _ANONYMOUS if raw is None else self.hasher.token(raw)
             rule = self._rules[i]
-            budget = cache[key] = Budget(rule.name, token, rule.period_ms)
+            budget = Budget(rule.name, token, rule.period_ms)
+            if key is None or len(key) <= _CACHED_ID_LENGTH:
+                if len(cache) >= _BUDGET_CACHE:
+                    cache.clear()
+                cache[key] = budget
         return budget
 
     async def _reserve(
@@ -654,8 +657,10 @@ class _ResponseWatch:
 _OUTCOME_ATTRS = {
     outcome: {ATTR.OUTCOME: outcome} for outcome in ("admitted", "rejected", "unavailable", "bypassed")
 }
-# Budgets kept per rule for recent entity ids (``BudgetMiddleware._budget``).
+# Budgets kept per rule for recent entity ids (``BudgetMiddleware._budget``), and the longest id
+# kept: 4096 x 128 bytes per rule at most.
 _BUDGET_CACHE = 4096
+_CACHED_ID_LENGTH = 128
 
 
 def _recording_request(scope: Scope, receive: Receive, body_read: list[Message]) -> Request:
