@@ -439,6 +439,49 @@ class TestUnavailable:
                 client.execute_command("CLIENT", "UNPAUSE")
             await ledger.aclose()
 
+    @pytest.mark.parametrize("coalesce", [False, True], ids=["direct", "coalesced"])
+    async def test_a_batch_cancelled_mid_flight_leaves_no_reply_for_the_next_caller(
+        self, redis_url: str, redis_server: RedisServer, coalesce: bool
+    ) -> None:
+        """One pooled connection; the caller gives up while Redis is paused with its batch sent."""
+        ledger = RedisLedger(redis_url, max_connections=1, coalesce=coalesce)
+        b = budget()
+        try:
+            await ledger.usage(b, 10)
+            with redis_server.client() as client:
+                client.execute_command("CLIENT", "PAUSE", 5000, "ALL")
+            try:
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        ledger.reserve(new_reservation_id(), [HoldRequest(b, 100, 7)], LONG_LEASE_MS),
+                        0.2,
+                    )
+            finally:
+                with redis_server.client() as client:
+                    client.execute_command("CLIENT", "UNPAUSE")
+            u = await ledger.usage(b, 10)  # its own reply, not the cancelled batch's
+            assert u.limit == 10
+            assert u.held in (0, 7)  # the cancelled script may or may not have run
+            r = await admit(ledger, HoldRequest(b, 100, 1))
+            assert r.holds[0].remaining in (99, 92)
+        finally:
+            await ledger.aclose()
+
+    async def test_single_calls_do_not_wait_for_replicas(self, redis_url: str) -> None:
+        """With BUDGET_WAIT_REPLICAS, batches wait; usage, set_limit, reset and a direct reserve do
+        not (this server has no replica, so a WAIT would report 0 of 1)."""
+        ledger = RedisLedger(redis_url, wait_replicas=1, wait_timeout_ms=50, coalesce=False)
+        b = budget()
+        try:
+            await ledger.set_limit(b, 5)
+            await ledger.reset(b)
+            assert (await ledger.usage(b, 10)).limit == 5
+            r = await admit(ledger, HoldRequest(b, 10, 1))
+            with pytest.raises(LedgerUnavailable, match="0 of 1 replicas"):
+                await ledger.settle_many([settlement(r, 1)])  # a batch: it waits
+        finally:
+            await ledger.aclose()
+
     async def test_more_than_a_hundred_concurrent_operations(self, redis_url: str) -> None:
         """A ledger built from a URL serves a burst of concurrent calls in one process.
 

@@ -110,6 +110,33 @@ class TestTTL:
         assert await pttl(ledger, b) > 2 * ledger.horizon_ms - 10_000
         assert (await ledger.usage(b, 100)).spent == 10  # the spend is kept
 
+    async def test_a_lifetime_budget_without_spend_expires(self, ledger: Any) -> None:
+        b = budget("r:throwaway", period_ms=0)
+        r = await admit(ledger, b, 100, 5, LONG_LEASE_MS)
+        assert await settle(ledger, r, 0) == "applied"  # an error, a 4xx: nothing charged
+        assert await pttl(ledger, b) > 0
+        await settle(ledger, await admit(ledger, b, 100, 5, LONG_LEASE_MS), 2)
+        assert await pttl(ledger, b) == -1  # its first spend: kept from now on
+        await ledger.reset(b)
+        assert await pttl(ledger, b) > 0  # nothing left to keep
+
+    async def test_an_override_set_and_cleared_on_an_unknown_budget_leaves_nothing(
+        self, ledger: Any
+    ) -> None:
+        for period in (0, DAY_MS):
+            b = budget(f"r:vip-{period}", period_ms=period)
+            await ledger.set_limit(b, 7)
+            await ledger.set_limit(b, None)
+            assert await ledger.client().exists(ledger.layout.key(b)) == 0
+
+    async def test_clearing_an_override_keeps_a_lifetime_spend(self, ledger: Any) -> None:
+        b = budget("r:lifer", period_ms=0)
+        await settle(ledger, await admit(ledger, b, 100, 5, LONG_LEASE_MS), 3)
+        await ledger.set_limit(b, 50)
+        await ledger.set_limit(b, None)
+        assert await pttl(ledger, b) == -1
+        assert (await ledger.usage(b, 100)).spent == 3
+
     async def test_an_override_on_an_unknown_budget_is_kept(self, ledger: Any) -> None:
         b = budget("r:vip")
         await ledger.set_limit(b, 7)

@@ -295,8 +295,8 @@ class RedisClusterLedger(RedisLedger):
             raise reply
         return reply
 
-    async def _eval_many(self, calls: list[Call]) -> list[Any]:
-        return await self._run(calls, wait=bool(self.wait_replicas))
+    async def _eval_many(self, calls: list[Call], *, wait: bool = True) -> list[Any]:
+        return await self._run(calls, wait=wait and bool(self.wait_replicas))
 
     async def _run(self, calls: list[Call], *, wait: bool) -> list[Any]:
         """One result (or ``LedgerError``) per call; every call must touch one slot."""

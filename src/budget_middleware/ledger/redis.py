@@ -210,17 +210,23 @@ class RedisLedger:
             )
 
     async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        (reply,) = await self._eval_many([(name, keys, args)])
+        """One script call; unlike a batch it does not wait for replicas."""
+        (reply,) = await self._eval_many([(name, keys, args)], wait=False)
         if isinstance(reply, BaseException):
             raise reply
         return reply
 
-    async def _eval_many(self, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
+    async def _eval_many(
+        self, calls: list[tuple[str, list[str], list[Any]]], *, wait: bool = True
+    ) -> list[Any]:
         """Many script calls in one pipelined round trip (EVALSHA directly: no SCRIPT EXISTS).
 
         On NOSCRIPT (a restart or failover emptied the script cache) the scripts are loaded and
-        only the calls that did not run are sent again. Returns one result or exception per call.
+        only the calls that did not run are sent again. With ``wait_replicas`` set, the batch also
+        waits for that many replicas (``WAIT``) unless ``wait`` is false. Returns one result or
+        exception per call.
         """
+        wait = wait and self.wait_replicas > 0
         if not calls:
             return []
         client = self.client()
@@ -229,8 +235,8 @@ class RedisLedger:
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in (0, 1):
-            replies = await self._pipeline([calls[i] for i in todo])
-            if self.wait_replicas:
+            replies = await self._pipeline([calls[i] for i in todo], wait=wait)
+            if wait:
                 acked = replies.pop()
                 if isinstance(acked, int) and acked < self.wait_replicas:
                     raise LedgerUnavailable(
@@ -252,7 +258,7 @@ class RedisLedger:
             todo = missing
         return results
 
-    async def _pipeline(self, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
+    async def _pipeline(self, calls: list[tuple[str, list[str], list[Any]]], *, wait: bool) -> list[Any]:
         """Writes the calls (and WAIT, when asked) as one packed buffer on one pooled connection,
         then reads a reply or error per command.
 
@@ -264,7 +270,7 @@ class RedisLedger:
         """
         payload = b"".join([pack_evalsha(self._scripts[n], k, a) for n, k, a in calls])
         count = len(calls)
-        if self.wait_replicas:
+        if wait:
             payload += pack_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             count += 1
         pool = self.client().connection_pool
@@ -487,7 +493,7 @@ class RedisLedger:
         await self._eval("limit", [self._key(budget)], args)
 
     async def reset(self, budget: Budget) -> None:
-        await self._eval("reset", [self._key(budget)], [budget.period_ms])
+        await self._eval("reset", [self._key(budget)], [budget.period_ms, self.horizon_ms])
 
     async def aclose(self) -> None:
         if self._flushes:

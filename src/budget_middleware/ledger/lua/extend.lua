@@ -13,7 +13,7 @@ if lease == nil or horizon == nil or n < 1 or #ARGV ~= 3 + n then
 end
 for i = 1, n do
   local amount = tonumber(ARGV[3 + i])
-  if amount == nil or amount < 0 then
+  if amount == nil or amount < 0 or amount ~= math.floor(amount) then
     return redis.error_reply('ERR budget extend: bad arguments')
   end
 end
@@ -23,7 +23,7 @@ local hold, tombstone = 'h:' .. id, 't:' .. id
 local renewed, reheld, missing = 0, 0, 0
 for i = 1, n do
   local key = KEYS[i]
-  local amount = ARGV[3 + i]
+  local amount = int(tonumber(ARGV[3 + i]))
   local v = redis.call('HMGET', key, hold, 'ttl', 'pa', 'pm')
   local found = true
   if v[1] then

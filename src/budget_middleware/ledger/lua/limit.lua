@@ -2,7 +2,8 @@
 -- KEYS: the budget's hash (see the prelude).
 -- ARGV[1] the limit (micro-units), or '' to clear it   ARGV[2] period ms   ARGV[3] horizon ms
 -- An override is an operator's setting: while it is set the hash has no TTL. Cleared, the hash
--- gets one again (its spend kept until its window ends), re-armed as usual by the next reserve.
+-- gets one again (its spend kept until its window ends), re-armed as usual by the next reserve,
+-- unless it holds a lifetime budget's spend.
 local limit = ARGV[1]
 local period = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[3])
@@ -15,9 +16,20 @@ if limit ~= '' then
   redis.call('PERSIST', key)
   return 1
 end
-if redis.call('HDEL', key, 'limit') == 1 and period > 0 then
+if redis.call('HDEL', key, 'limit') == 1 then
+  if redis.call('HLEN', key) == 1 then
+    -- Only the `ttl` field is left: an override set and cleared on a budget nobody used.
+    redis.call('DEL', key)
+    return 0
+  end
+  if period == 0 and redis.call('HEXISTS', key, 's:0') == 1 then
+    return 0 -- a lifetime budget's spend stays its record
+  end
   local now = now_ms()
-  local expire_at = math.max(now + 2 * horizon, window_of(now, period) + period + horizon)
+  local expire_at = now + 2 * horizon
+  if period > 0 then
+    expire_at = math.max(expire_at, window_of(now, period) + period + horizon)
+  end
   redis.call('HSET', key, 'ttl', int(expire_at))
   redis.call('PEXPIREAT', key, int(expire_at))
 end

@@ -18,7 +18,8 @@ local periods, defaults, amounts = {}, {}, {}
 for i = 1, n do
   local a = 4 + 3 * (i - 1)
   periods[i], defaults[i], amounts[i] = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  if periods[i] == nil or defaults[i] == nil or amounts[i] == nil then
+  if periods[i] == nil or defaults[i] == nil or amounts[i] == nil or amounts[i] < 0
+      or amounts[i] ~= math.floor(amounts[i]) then
     return redis.error_reply('ERR budget reserve: bad arguments')
   end
 end
@@ -33,19 +34,18 @@ local rejected = false
 for i = 1, n do
   local key = KEYS[i]
   local window = window_of(now, periods[i])
-  local v = redis.call('HMGET', key, 'held', 'epoch', 'limit', 'ttl', 'pa', 's:' .. int(window), hold)
+  local v = redis.call('HMGET', key, 'held', 'epoch', 'limit', 'ttl', 'pa', 's:' .. int(window), hold, 'pc', 'pm')
   local held = tonumber(v[1]) or 0
   local pa = tonumber(v[5]) or 0
-  local pm = nil -- the due time a pass in progress has seen (a pass is in progress only while pa <= now)
+  local pm = tonumber(v[9]) -- set while a purge pass is under way: the earliest due time it has seen
+  local moved = 0
   local writes = {}
   if not v[4] then
     -- No hash yet (every hash has a `ttl` field): nothing to purge.
     pa = NEVER
-  elseif pa <= now then
-    local moved, released, cursor
-    local pass = redis.call('HMGET', key, 'pc', 'pm')
-    moved, released, cursor, pm = purge_step(key, pass[1] or '0', tonumber(pass[2]) or NEVER, now, horizon,
-      periods[i], ids, writes)
+  elseif pm or pa <= now then
+    local released, cursor
+    moved, released, cursor, pm = purge_step(key, v[8] or '0', pm or NEVER, now, horizon, periods[i], ids, writes)
     purged = purged + moved
     held = held - released
     pass_state(cursor, pm, writes, key)
@@ -62,7 +62,7 @@ for i = 1, n do
   if not ok then
     rejected = true
   end
-  rows[i] = {window, v, limit, spent, held, ok, pa, pm, writes}
+  rows[i] = {window, v, limit, spent, held, ok, pa, pm, writes, moved}
 end
 
 -- A retried reserve whose first attempt was admitted finds its own hold (and counts it as held).
@@ -73,7 +73,15 @@ if rejected or replay then
   for i = 1, n do
     local r = rows[i]
     if #r[9] > 0 and r[2][4] then
+      -- Tombstones left by the purge live a horizon from now.
+      local expire_at = nil
+      if r[10] > 0 then
+        expire_at = arm(tonumber(r[2][4]), now + horizon, now + 2 * horizon, r[9])
+      end
       redis.call('HSET', KEYS[i], unpack(r[9]))
+      if expire_at then
+        redis.call('PEXPIREAT', KEYS[i], int(expire_at))
+      end
     end
     if replay then
       out[#out + 1] = {r[1], r[2][2] or '', r[3], r[3] - r[4] - r[5]}
@@ -119,19 +127,25 @@ for i = 1, n do
   local armed = tonumber(v[4]) or 0
   local persist = false
   local expire_at = nil
-  if v[3] or periods[i] == 0 then
-    -- A limit override or a lifetime spend must not expire.
+  if v[3] or (periods[i] == 0 and v[6]) then
+    -- A limit override, or the spend of a lifetime budget, is the budget's record: no TTL.
     if armed ~= -1 then
       writes[#writes + 1] = 'ttl'
       writes[#writes + 1] = '-1'
       persist = true
     end
   else
-    -- The epoch outlives every write by the horizon and the spend its window: re-armed about
-    -- once per horizon, not on every reserve.
-    local period = periods[i]
-    expire_at = arm(armed, math.max(expiry + horizon, window + period),
-      math.max(expiry + 2 * horizon, window + period + horizon), writes)
+    -- The epoch outlives every write by the horizon, the spend its window: re-armed about once
+    -- per horizon, not on every reserve. A hash kept for a reason that has gone is armed again.
+    local need, armed_to = expiry + horizon, expiry + 2 * horizon
+    if periods[i] > 0 then
+      need = math.max(need, window + periods[i])
+      armed_to = math.max(armed_to, window + periods[i] + horizon)
+    end
+    if armed == -1 then
+      armed = 0
+    end
+    expire_at = arm(armed, need, armed_to, writes)
   end
   redis.call('HSET', key, unpack(writes))
   if expire_at then

@@ -10,14 +10,15 @@ local actual = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[3])
 local id_time = tonumber(ARGV[4])
 local n = #KEYS
-if actual == nil or actual < 0 or horizon == nil or id_time == nil or n < 1 or #ARGV ~= 4 + 4 * n then
+if actual == nil or actual < 0 or actual ~= math.floor(actual) or horizon == nil or id_time == nil or n < 1 or #ARGV ~= 4 + 4 * n then
   return redis.error_reply('ERR budget settle: bad arguments')
 end
 local amounts, windows, periods = {}, {}, {}
 for i = 1, n do
   local a = 4 + 4 * (i - 1)
   amounts[i], windows[i], periods[i] = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 4])
-  if amounts[i] == nil or amounts[i] < 0 or windows[i] == nil or periods[i] == nil
+  if amounts[i] == nil or amounts[i] < 0 or amounts[i] ~= math.floor(amounts[i]) or windows[i] == nil
+      or windows[i] ~= math.floor(windows[i]) or periods[i] == nil
       or (windows[i] < 0 and actual ~= 0) then
     return redis.error_reply('ERR budget settle: bad arguments')
   end
@@ -65,15 +66,12 @@ for i = 1, n do
         writes[#writes + 1] = 'pa'
         writes[#writes + 1] = int(ends)
       end
-      local armed = tonumber(st[3]) or 0
-      local expire_at = nil
-      if period == 0 then
-        writes[#writes + 1] = 'ttl'
-        writes[#writes + 1] = '-1'
-      else
-        expire_at = arm(armed, math.max(now + horizon, window + period),
-          math.max(now + 2 * horizon, window + period + horizon), writes)
+      local need, armed_to = now + horizon, now + 2 * horizon
+      if period > 0 then
+        need = math.max(need, window + period)
+        armed_to = math.max(armed_to, window + period + horizon)
       end
+      local expire_at = arm(tonumber(st[3]) or 0, need, armed_to, writes)
       redis.call('HSET', key, unpack(writes))
       if expire_at then
         redis.call('PEXPIREAT', key, int(expire_at))
@@ -81,7 +79,11 @@ for i = 1, n do
     end
   end
   if actual > 0 and window >= 0 and outcome ~= 'duplicate' and outcome ~= 'stale' then
-    redis.call('HINCRBY', key, 's:' .. int(window), ARGV[2])
+    if redis.call('HINCRBY', key, 's:' .. int(window), int(actual)) == actual and period == 0 then
+      -- The first spend of a lifetime budget: from now on the hash is its record, with no TTL.
+      redis.call('HSET', key, 'ttl', '-1')
+      redis.call('PERSIST', key)
+    end
   end
   out[i] = outcome
 end

@@ -23,9 +23,16 @@ repeat
 until cursor == '0'
 local v = redis.call('HMGET', key, 'held', 'limit', 's:' .. int(window), 'ttl')
 if v[4] then
-  -- A whole pass ran: it replaces one that was in progress.
+  -- A whole pass ran: it replaces one that was in progress. Its tombstones live a horizon.
   pass_state('0', due, writes, key)
+  local expire_at = nil
+  if purged > 0 then
+    expire_at = arm(tonumber(v[4]), now + horizon, now + 2 * horizon, writes)
+  end
   redis.call('HSET', key, unpack(writes))
+  if expire_at then
+    redis.call('PEXPIREAT', key, int(expire_at))
+  end
 end
 local held = tonumber(v[1]) or 0
 if held < 0 then
