@@ -1016,6 +1016,17 @@ class TestRejectedRequests:
         assert sent.header("ratelimit") == '"user";r=0'
         assert sent.json()["budgets"][0]["resets_in"] is None
 
+    async def test_an_estimate_above_the_limit_has_no_retry_after(
+        self, make_harness: HarnessFactory
+    ) -> None:
+        """Waiting for the reset cannot help a request that holds more than the whole limit."""
+        h = make_harness(respond(), rules=(user_rule(limit=1),), estimate=to_micros(2))
+        sent = await h.request()
+        assert sent.status == 429
+        assert sent.header("retry-after") is None
+        assert "holds 2 usd, above the limit" in sent.json()["detail"]
+        assert h.app_calls == 0
+
     async def test_openai_format_when_spent_blocks(self, make_harness: HarnessFactory) -> None:
         h = make_harness(
             respond(), rules=(user_rule(limit=1),), estimate=to_micros(1), error_format="openai"

@@ -4,7 +4,10 @@ demo                      a budget reserved, settled and rejected, on the memory
 usage RULE ENTITY         a budget's spent, held and remaining (config from BUDGET_*)
 set-limit RULE ENTITY X   a per-entity limit override ("none" removes it)
 reset RULE ENTITY         clear spent in the current window
-check                     validate BUDGET_* and print the configuration
+check                     validate BUDGET_* and the ledger's connection; print the configuration
+
+usage, set-limit and reset act on the shared Redis ledger (BUDGET_REDIS_URL): the memory ledger
+lives inside the app's own process, out of this command's reach.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 from .amounts import format_micros, to_micros
 from .config import BudgetConfig, ConfigError, Rule
 from .keys import Budget, EntityHasher
-from .ledger import Ledger, MemoryLedger
+from .ledger import Ledger, LedgerError, MemoryLedger
 from .middleware import BudgetMiddleware, get_reservation, make_ledger
 
 __all__ = ["main"]
@@ -211,13 +214,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run the demo on the memory ledger")
-    sub.add_parser("check", help="validate BUDGET_* and print the configuration")
-    for name in ("usage", "reset", "set-limit"):
-        p = sub.add_parser(name)
-        p.add_argument("rule")
-        p.add_argument("entity")
+    sub.add_parser("check", help="validate BUDGET_* and the ledger's connection")
+    commands = {
+        "usage": "a budget's spent, held and remaining",
+        "set-limit": 'a per-entity limit override ("none" removes it)',
+        "reset": "clear spent in the current window",
+    }
+    for name, text in commands.items():
+        p = sub.add_parser(name, help=text)
+        p.add_argument("rule", help="the rule's name (the shorthand rule is called default)")
+        p.add_argument("entity", help="the entity id, as the request carries it")
         if name == "set-limit":
-            p.add_argument("limit")
+            p.add_argument("limit", help='an amount in the unit, or "none"')
     args = parser.parse_args(argv)
     if args.command == "demo":
         asyncio.run(_demo())
@@ -227,7 +235,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    if args.command == "check":
-        print(config.describe())
+    if args.command != "check" and not config.redis_url:
+        print(
+            f"{args.command} needs BUDGET_REDIS_URL: without it the app uses a memory ledger that "
+            "lives inside its own process, which this command cannot reach",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if args.command == "check":
+            return asyncio.run(_check(config))
+        return asyncio.run(_operate(args, config))
+    except LedgerError as exc:
+        print(f"ledger error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _check(config: BudgetConfig) -> int:
+    print(config.describe())
+    if not config.redis_url:
+        print("ledger: memory (per process; set BUDGET_REDIS_URL to share budgets)")
         return 0
-    return asyncio.run(_operate(args, config))
+    ledger = make_ledger(config)
+    try:
+        # A read of a budget nobody uses: a round trip that runs a script and writes nothing.
+        await ledger.usage(Budget("check", "anonymous", 0), 0)
+    finally:
+        await ledger.aclose()
+    print("ledger: reachable")
+    return 0

@@ -94,10 +94,13 @@ _single_policy_cache: dict[tuple[str, int, int], tuple[bytes, bytes]] = {}
 
 
 def retry_after(violations: Sequence[Violation], hold_retry_after_s: int) -> int | None:
-    """Seconds a client should wait, or None when waiting cannot help (a spent lifetime budget).
+    """Seconds a client should wait, or None when waiting cannot help (a spent lifetime budget, or
+    a request whose estimate alone is above a limit).
 
     Spent alone blocks: the time to the window's reset. Only live holds block: a short interval.
     """
+    if any(v.amount > v.limit for v in violations):
+        return None
     spend_blocked = [v for v in violations if v.blocked_by_spend]
     if not spend_blocked:
         return hold_retry_after_s
@@ -147,7 +150,11 @@ async def send_rejection(
     details = "; ".join(
         f"rule {v.budget.rule!r}: limit {format_micros(v.limit)} {unit}, "
         f"remaining {format_micros(v.remaining)} {unit}"
-        + ("" if v.blocked_by_spend else " (in-flight requests hold the rest)")
+        + (
+            f" (this request holds {format_micros(v.amount)} {unit}, above the limit)"
+            if v.amount > v.limit
+            else ("" if v.blocked_by_spend else " (in-flight requests hold the rest)")
+        )
         for v in violations
     )
     if error_format == "openai":
