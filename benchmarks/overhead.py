@@ -111,9 +111,36 @@ class Built:
     ledger: MemoryLedger | RedisLedger | None
 
 
+class HeaderFloor:
+    """The least a pure-ASGI middleware of this kind does, for scale: read the id header, wrap
+    ``send`` and add two RateLimit-shaped headers (fixed text). No ledger, no reservation."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        user = next((v for k, v in scope["headers"] if k == HEADER.encode()), b"")
+        scope.setdefault("state", {})["user"] = user  # handed on, as a handle would be
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    *message.get("headers", ()),
+                    (b"ratelimit-policy", b'"bench";q=1000000000000;w=86400'),
+                    (b"ratelimit", b'"bench";r=999999999990;t=3600'),
+                ]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def build_app(backend: str, redis_url: str | None = None) -> Built:
-    """``backend``: bare (no middleware), memory, or redis."""
-    metered = backend != "bare"
+    """``backend``: bare (no middleware), floor (``HeaderFloor``), memory, or redis."""
+    metered = backend not in ("bare", "floor")
 
     async def endpoint(request: Request) -> JSONResponse:
         if metered:
@@ -123,6 +150,8 @@ def build_app(backend: str, redis_url: str | None = None) -> Built:
     finalizer: Finalizer | None = None
     ledger: MemoryLedger | RedisLedger | None = None
     middleware: list[Middleware] = []
+    if backend == "floor":
+        middleware.append(Middleware(HeaderFloor))
     if metered:
         config = budget_config(redis_url if backend == "redis" else None)
         if backend == "redis":
@@ -210,7 +239,7 @@ def create_app() -> Starlette:
 @dataclass(frozen=True)
 class Cfg:
     name: str
-    backend: str  # bare | memory | redis
+    backend: str  # bare | floor | memory | redis
     users: int
     tracing: bool = False
 
@@ -221,6 +250,8 @@ def configurations(args: argparse.Namespace) -> list[Cfg]:
         Cfg("memory", "memory", args.users),
         Cfg("redis", "redis", args.users),
     ]
+    if args.floor:
+        cfgs.insert(1, Cfg("floor", "floor", args.users))
     if args.hot:
         cfgs += [Cfg("memory-hot", "memory", 1), Cfg("redis-hot", "redis", 1)]
     if args.tracing:
@@ -953,6 +984,11 @@ def main() -> None:
     p.add_argument("--users", type=int, default=100, help="distinct x-user ids (spread)")
     p.add_argument("--no-hot", dest="hot", action="store_false", help="skip the one-user runs")
     p.add_argument("--tracing", action="store_true", help="add memory with the OTel SDK on")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="add a minimal middleware that only wraps send and adds two headers, for scale",
+    )
     p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin CPUs")
     p.add_argument("--no-http", dest="http", action="store_false", help="in-process only")
     p.add_argument("--no-inproc", dest="inproc", action="store_false", help="skip in-process")
