@@ -373,14 +373,7 @@ class BudgetMiddleware:
         wanted: list[tuple[Rule, Budget]] = []
         for i, rule in enumerate(self._rules):
             assert rule.source is not None
-            raw = rule.source.extract(scope)
-            if raw is None or raw == "":
-                if rule.on_missing == "skip":
-                    continue
-                if rule.on_missing == "reject":
-                    raise _Missing(rule)
-                raw = None
-            wanted.append((rule, self._budget(i, raw)))
+            self._want(wanted, i, rule, rule.source.extract(scope))
         return wanted
 
     async def _resolve(self, scope: Scope, request: Request | None) -> list[tuple[Rule, Budget]]:
@@ -401,14 +394,20 @@ class BudgetMiddleware:
                 assert callable(rule.key)
                 got = rule.key(request)
                 raw = await got if inspect.isawaitable(got) else got
-            if raw is None or raw == "":
-                if rule.on_missing == "skip":
-                    continue
-                if rule.on_missing == "reject":
-                    raise _Missing(rule)
-                raw = None
-            wanted.append((rule, self._budget(i, raw)))
+            self._want(wanted, i, rule, raw)
         return wanted
+
+    def _want(
+        self, wanted: list[tuple[Rule, Budget]], i: int, rule: Rule, raw: str | bytes | None
+    ) -> None:
+        """Adds rule ``i``'s budget for the id ``raw``; without an id, as ``on_missing`` says."""
+        if raw is None or raw == "":
+            if rule.on_missing == "skip":
+                return
+            if rule.on_missing == "reject":
+                raise _Missing(rule)
+            raw = None
+        wanted.append((rule, self._budget(i, raw)))
 
     def _budget(self, i: int, raw: str | bytes | None) -> Budget:
         """The budget of rule ``i`` for entity id ``raw`` (None: anonymous).
