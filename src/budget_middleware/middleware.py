@@ -484,7 +484,9 @@ class BudgetMiddleware:
         outcome = "admitted" if result.admitted else "rejected"
         inst.reservations.add(1, _OUTCOME_ATTRS[outcome])
         if span is INVALID_SPAN:  # nothing to record or end
-            return result, INVALID_SPAN_CONTEXT
+            # The request's own context, valid when an upstream trace was propagated (API-only
+            # instrumentation): the settlement still carries the request's trace id.
+            return result, trace.get_current_span().get_span_context()
         if recording:
             span.set_attribute(ATTR.OUTCOME, outcome)
             span.set_attribute(ATTR.PURGED, result.purged)
