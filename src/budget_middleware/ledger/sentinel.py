@@ -108,6 +108,12 @@ class RedisSentinelLedger(RedisLedger):
             decode_responses=True,
             health_check_interval=30,
             db=self._db,
+            # As the standalone client: a connection to a primary that went away fails once,
+            # and the batch is sent again on a fresh connection to whichever primary the
+            # Sentinels name now (every script is idempotent). Not redis-py's default of three
+            # retries with backoff, which could hold a batch for several socket timeouts.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[rexc.ConnectionError],
             **timeouts,
             **self._options,
         )
