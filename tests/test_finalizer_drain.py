@@ -11,7 +11,14 @@ import pytest
 
 from budget_middleware import Finalizer, MemoryLedger, Settled, Settlement
 from budget_middleware.keys import Budget
-from budget_middleware.ledger import HeldBudget, LedgerError, LedgerUnavailable, new_reservation_id
+from budget_middleware.ledger import (
+    HeldBudget,
+    HoldRequest,
+    LedgerError,
+    LedgerUnavailable,
+    Reservation,
+    new_reservation_id,
+)
 
 
 class FailingLedger(MemoryLedger):
@@ -123,3 +130,38 @@ async def test_a_request_after_the_lifespan_shutdown_is_counted_not_left_to_a_ne
     assert not mw.finalizer.running
     assert mw.finalizer.lost == 1
     await client.aclose()
+
+
+async def test_an_unexpected_error_in_the_worker_restarts_it(caplog: pytest.LogCaptureFixture) -> None:
+    """A renewal that fails with an error nobody expected (a bug) does not end the worker: it is
+    logged, and settlements handed over afterwards are still applied."""
+
+    class BuggyRenewals(MemoryLedger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.settle_now = None  # type: ignore[assignment]  # go through the worker
+            self.extends = 0
+            self.second_try = anyio.Event()
+
+        async def extend(self, reservations: Any, lease_ms: int) -> Any:
+            self.extends += 1
+            if self.extends == 2:
+                self.second_try.set()
+            raise TypeError("a bug in a renewal")
+
+    ledger = BuggyRenewals()
+    finalizer = Finalizer(ledger, lease_ms=30, retry_base_s=0.001, retry_cap_s=0.01)
+    budget = Budget("user", "r:alice", 0)
+    reserved = await ledger.reserve(new_reservation_id(), [HoldRequest(budget, 100, 5)], 30)
+    assert isinstance(reserved, Reservation)
+    async with anyio.create_task_group() as tg:
+        await tg.start(finalizer.run)
+        finalizer.track(reserved)  # due for renewal within 10 ms: the renewal raises
+        with anyio.fail_after(5):
+            await ledger.second_try.wait()  # it failed, and the restarted worker tried again
+        finalizer.submit(Settlement(reserved.id, reserved.holds, 3, "completed", 5))
+        assert await finalizer.wait_idle(5)
+        assert finalizer.running
+        tg.cancel_scope.cancel()
+    assert finalizer.outcomes == {"applied": 1}
+    assert "the finalizer's worker failed unexpectedly" in caplog.text

@@ -208,12 +208,30 @@ class Finalizer:
                 async with anyio.create_task_group() as tg:
                     if self.journal is not None:
                         tg.start_soon(self._spill_task)
-                    await self._work()
+                    await self._supervise()
                     tg.cancel_scope.cancel()
         finally:
             self._scope = None
             self._running = False
             self._notify()
+
+    async def _supervise(self) -> None:
+        """Runs the worker. An error nobody expected (a bug, a failing telemetry exporter) is
+        logged and the worker starts again after a backoff: settlements keep being applied, and
+        the app's lifespan, which owns this task, does not fail with it."""
+        crashes = 0
+        while True:
+            try:
+                await self._work()
+                return
+            except Exception:
+                crashes += 1
+                logger.exception("budget: the finalizer's worker failed unexpectedly; restarting it")
+                self._busy = False
+                self._batch = 0
+                delay = min(self.retry_cap_s, self.retry_base_s * 2 ** min(crashes, 16))
+                await anyio.sleep(delay * (0.5 + random.random() / 2))
+                self._wakeup = anyio.Event()
 
     async def _work(self) -> None:
         failures = 0
