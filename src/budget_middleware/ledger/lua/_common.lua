@@ -113,14 +113,34 @@ local function pass_state(cursor, due, writes, key)
   end
 end
 
--- Makes sure the hash outlives `need` (ms), arming its TTL to `armed_to` when it does not. `armed`
--- is the hash's `ttl` field (-1: persistent, left so). Appends the field to `writes`; returns the
--- time to PEXPIREAT after the caller's HSET, or nil.
-local function arm(armed, need, armed_to, writes)
+-- Makes sure the hash outlives a write at `at` (ms) by the horizon, and the spend of `window` (for a
+-- `period` > 0) until that window has ended; when it does not, arms its TTL a horizon further.
+-- `armed` is the hash's `ttl` field (-1: persistent, left so). Appends the field to `writes`;
+-- returns the time to PEXPIREAT after the caller's HSET, or nil.
+local function arm(armed, at, horizon, window, period, writes)
+  local need, armed_to = at + horizon, at + 2 * horizon
+  if period > 0 then
+    need = math.max(need, window + period)
+    armed_to = math.max(armed_to, window + period + horizon)
+  end
   if armed == -1 or armed >= need then
     return nil
   end
   writes[#writes + 1] = 'ttl'
   writes[#writes + 1] = int(armed_to)
   return armed_to
+end
+
+-- Makes the purge pass under way (`pm` set) or the next one (`pa`) come no later than `due`.
+-- Appends the field to `writes` when it moves.
+local function due_by(due, pa, pm, writes)
+  if pm then
+    if due < pm then
+      writes[#writes + 1] = 'pm'
+      writes[#writes + 1] = int(due)
+    end
+  elseif due < (pa or NEVER) then
+    writes[#writes + 1] = 'pa'
+    writes[#writes + 1] = int(due)
+  end
 end

@@ -38,16 +38,8 @@ for i = 1, n do
   if found then
     local writes = {hold, int(expiry) .. ':' .. amount}
     -- A held-again hold may now be the first to expire (a renewed one expires later than before).
-    if v[4] then
-      if expiry < tonumber(v[4]) then
-        writes[#writes + 1] = 'pm'
-        writes[#writes + 1] = int(expiry)
-      end
-    elseif expiry < (tonumber(v[3]) or 0) then
-      writes[#writes + 1] = 'pa'
-      writes[#writes + 1] = int(expiry)
-    end
-    local expire_at = arm(tonumber(v[2]) or 0, expiry + horizon, expiry + 2 * horizon, writes)
+    due_by(expiry, tonumber(v[3]), tonumber(v[4]), writes)
+    local expire_at = arm(tonumber(v[2]) or 0, expiry, horizon, 0, 0, writes)
     redis.call('HSET', key, unpack(writes))
     if expire_at then
       redis.call('PEXPIREAT', key, int(expire_at))

@@ -76,7 +76,7 @@ if rejected or replay then
       -- Tombstones left by the purge live a horizon from now.
       local expire_at = nil
       if r[10] > 0 then
-        expire_at = arm(tonumber(r[2][4]), now + horizon, now + 2 * horizon, r[9])
+        expire_at = arm(tonumber(r[2][4]), now, horizon, 0, 0, r[9])
       end
       redis.call('HSET', KEYS[i], unpack(r[9]))
       if expire_at then
@@ -115,15 +115,7 @@ for i = 1, n do
   if not v[6] and periods[i] > 0 then
     due = math.min(due, window + periods[i])
   end
-  if pm then
-    if due < pm then
-      writes[#writes + 1] = 'pm'
-      writes[#writes + 1] = int(due)
-    end
-  elseif due < pa then
-    writes[#writes + 1] = 'pa'
-    writes[#writes + 1] = int(due)
-  end
+  due_by(due, pa, pm, writes)
   local armed = tonumber(v[4]) or 0
   local persist = false
   local expire_at = nil
@@ -137,15 +129,10 @@ for i = 1, n do
   else
     -- The epoch outlives every write by the horizon, the spend its window: re-armed about once
     -- per horizon, not on every reserve. A hash kept for a reason that has gone is armed again.
-    local need, armed_to = expiry + horizon, expiry + 2 * horizon
-    if periods[i] > 0 then
-      need = math.max(need, window + periods[i])
-      armed_to = math.max(armed_to, window + periods[i] + horizon)
-    end
     if armed == -1 then
       armed = 0
     end
-    expire_at = arm(armed, need, armed_to, writes)
+    expire_at = arm(armed, expiry, horizon, window, periods[i], writes)
   end
   redis.call('HSET', key, unpack(writes))
   if expire_at then

@@ -56,22 +56,8 @@ for i = 1, n do
       outcome = 'recovered'
       local writes = {done, int(now)}
       -- The done record is swept after the horizon: the next purge pass must come by then.
-      local ends = now + horizon
-      if st[5] then
-        if ends < tonumber(st[5]) then
-          writes[#writes + 1] = 'pm'
-          writes[#writes + 1] = int(ends)
-        end
-      elseif ends < (tonumber(st[4]) or NEVER) then
-        writes[#writes + 1] = 'pa'
-        writes[#writes + 1] = int(ends)
-      end
-      local need, armed_to = now + horizon, now + 2 * horizon
-      if period > 0 then
-        need = math.max(need, window + period)
-        armed_to = math.max(armed_to, window + period + horizon)
-      end
-      local expire_at = arm(tonumber(st[3]) or 0, need, armed_to, writes)
+      due_by(now + horizon, tonumber(st[4]), tonumber(st[5]), writes)
+      local expire_at = arm(tonumber(st[3]) or 0, now, horizon, window, period, writes)
       redis.call('HSET', key, unpack(writes))
       if expire_at then
         redis.call('PEXPIREAT', key, int(expire_at))

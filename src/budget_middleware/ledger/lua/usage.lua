@@ -27,7 +27,7 @@ if v[4] then
   pass_state('0', due, writes, key)
   local expire_at = nil
   if purged > 0 then
-    expire_at = arm(tonumber(v[4]), now + horizon, now + 2 * horizon, writes)
+    expire_at = arm(tonumber(v[4]), now, horizon, 0, 0, writes)
   end
   redis.call('HSET', key, unpack(writes))
   if expire_at then
