@@ -23,6 +23,7 @@ clock starts, to show what the ledger costs without ULID generation.
 
     .venv/bin/python benchmarks/ledger.py                      # starts its own redis-server
     .venv/bin/python benchmarks/ledger.py --redis-url redis://localhost:6379/15 --pairs 50000
+    .venv/bin/python benchmarks/ledger.py --backends memory    # no redis-server: memory phases only
 
 With ``--redis-url`` the benchmark runs FLUSHDB and CONFIG RESETSTAT on that server: never point
 it at a Redis that holds anything you want to keep.
@@ -389,10 +390,13 @@ async def server_version(admin: Admin) -> str:
     return str(info.get("redis_version", "?"))
 
 
-async def main_async(args: argparse.Namespace, url: str) -> None:
-    admin = Admin(aioredis.Redis.from_url(url, decode_responses=True))
+BACKENDS = ("naive", "redis", "memory", "memory(pre-ids)")
+
+
+async def main_async(args: argparse.Namespace, url: str | None) -> None:
+    admin = None if url is None else Admin(aioredis.Redis.from_url(url, decode_responses=True))
     try:
-        version = await server_version(admin)
+        version = "-" if admin is None else await server_version(admin)
         print(
             f"python {platform.python_version()}, redis-server {version}, {os.cpu_count()} cpus; "
             f"pairs {args.pairs} (memory {args.memory_pairs}), concurrency {args.concurrency}, "
@@ -402,13 +406,15 @@ async def main_async(args: argparse.Namespace, url: str) -> None:
         phases: list[Phase] = []
         for mode in args.modes:
             for conc in args.concurrency:
-                for backend in ("naive", "redis", "memory", "memory(pre-ids)"):
+                for backend in args.backends:
                     t0 = time.perf_counter()
                     if backend.startswith("memory"):
                         phase = await run_memory(
                             mode, conc, args.memory_pairs, pregen_ids=backend != "memory"
                         )
                     else:
+                        assert url is not None
+                        assert admin is not None
                         phase = await run_redis(backend, mode, conc, args.pairs, url, admin)
                     phases.append(phase)
                     print(
@@ -420,15 +426,18 @@ async def main_async(args: argparse.Namespace, url: str) -> None:
                     )
         print()
         print(table(phases))
-        print()
-        print(
-            "Per-pair command breakdown, calls/pair x usec/call (commandstats; the calls a script"
-            " makes are listed too, and their time is already inside the script's):"
-        )
-        print(breakdown(phases))
-        await admin.client.flushdb()
+        if any(p.server is not None for p in phases):
+            print()
+            print(
+                "Per-pair command breakdown, calls/pair x usec/call (commandstats; the calls a"
+                " script makes are listed too, and their time is already inside the script's):"
+            )
+            print(breakdown(phases))
+        if admin is not None:
+            await admin.client.flushdb()
     finally:
-        await admin.client.aclose()
+        if admin is not None:
+            await admin.client.aclose()
 
 
 def _int_list(text: str) -> list[int]:
@@ -445,6 +454,13 @@ def _mode_list(text: str) -> list[str]:
     return values
 
 
+def _backend_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or any(v not in BACKENDS for v in values):
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(BACKENDS)}")
+    return [b for b in BACKENDS if b in values]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument(
@@ -457,12 +473,21 @@ def main() -> None:
     )
     parser.add_argument("--concurrency", type=_int_list, default=[1, 64], help="e.g. 1,64")
     parser.add_argument("--modes", type=_mode_list, default=["hot", "spread"], help="hot,spread")
+    parser.add_argument(
+        "--backends",
+        type=_backend_list,
+        default=list(BACKENDS),
+        help="some of naive,redis,memory,memory(pre-ids); without naive and redis no redis-server"
+        " is started",
+    )
     args = parser.parse_args()
     if args.pairs < 1:
         parser.error("--pairs must be positive")
     if args.memory_pairs is None:
         args.memory_pairs = args.pairs * 5
-    if args.redis_url:
+    if not any(b in ("naive", "redis") for b in args.backends):
+        asyncio.run(main_async(args, None))
+    elif args.redis_url:
         asyncio.run(main_async(args, args.redis_url))
     else:
         with redis_server() as url:

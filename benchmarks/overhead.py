@@ -256,6 +256,8 @@ def configurations(args: argparse.Namespace) -> list[Cfg]:
         cfgs += [Cfg("memory-hot", "memory", 1), Cfg("redis-hot", "redis", 1)]
     if args.tracing:
         cfgs.append(Cfg("memory+tracing", "memory", args.users, tracing=True))
+    if not args.redis:
+        cfgs = [c for c in cfgs if c.backend != "redis"]
     return cfgs
 
 
@@ -989,6 +991,12 @@ def main() -> None:
         action="store_true",
         help="add a minimal middleware that only wraps send and adds two headers, for scale",
     )
+    p.add_argument(
+        "--no-redis",
+        dest="redis",
+        action="store_false",
+        help="skip the Redis configurations (and start no redis-server)",
+    )
     p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin CPUs")
     p.add_argument("--no-http", dest="http", action="store_false", help="in-process only")
     p.add_argument("--no-inproc", dest="inproc", action="store_false", help="skip in-process")
@@ -1026,7 +1034,9 @@ def main() -> None:
     server_cpus, client_cpus = split_cpus(args.pin)
     t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        redis_url = args.redis_url or stack.enter_context(redis_server(client_cpus))
+        redis_url = args.redis_url
+        if redis_url is None and any(c.backend == "redis" for c in cfgs):
+            redis_url = stack.enter_context(redis_server(client_cpus))
         facts = machine_facts(redis_url)
         print("argv: " + " ".join(sys.argv))
         print("; ".join(f"{k} {v}" for k, v in facts.items()))
