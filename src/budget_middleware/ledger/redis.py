@@ -322,7 +322,7 @@ class RedisLedger:
         self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
     ) -> tuple[str, list[str], list[Any]]:
         keys: list[str] = []
-        args: list[Any] = [reservation_id, lease_ms, self.horizon_ms, os.urandom(8).hex()]
+        args: list[Any] = ["h:" + reservation_id, lease_ms, self.horizon_ms, os.urandom(8).hex()]
         for h in holds:
             keys.append(self._key(h.budget))
             args += [h.budget.period_ms, h.limit, h.amount]
@@ -331,8 +331,13 @@ class RedisLedger:
     def _reserve_result(
         self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int, reply: Any
     ) -> Reservation | Rejection:
-        status, now, purged, ids, *rows = reply
-        expired = tuple(ids)
+        # One flat array: status, now, k, k expired ids, then a row per budget (reserve.lua).
+        status, now, k = int(reply[0]), int(reply[1]), int(reply[2])
+        expired = tuple(str(x) for x in reply[3 : 3 + k])
+        width = 4 if status == 0 else 3
+        rows = [reply[i : i + width] for i in range(3 + k, len(reply), width)]
+        if len(rows) != len(holds):
+            raise LedgerError(f"unexpected reserve reply {reply!r}")
         if status == 0:
             violations = tuple(
                 Violation(
@@ -341,26 +346,26 @@ class RedisLedger:
                     int(spent),
                     int(held),
                     h.amount,
-                    h.budget.reset_ms(int(window)),
-                    int(now),
+                    h.budget.reset_ms(h.budget.window_of(now)),
+                    now,
                 )
-                for h, (window, limit, spent, held, ok) in zip(holds, rows, strict=True)
+                for h, (limit, spent, held, ok) in zip(holds, rows, strict=True)
                 if not ok
             )
-            return Rejection(reservation_id, violations, int(purged), expired)
+            return Rejection(reservation_id, violations, k, expired)
         held = tuple(
             HeldBudget(
                 h.budget,
                 h.amount,
-                int(window),
+                window := h.budget.window_of(now),
                 str(epoch),
                 int(limit),
                 int(remaining),
-                h.budget.reset_ms(int(window)),
+                h.budget.reset_ms(window),
             )
-            for h, (window, epoch, limit, remaining) in zip(holds, rows, strict=True)
+            for h, (epoch, limit, remaining) in zip(holds, rows, strict=True)
         )
-        return Reservation(reservation_id, held, lease_ms, int(now), int(purged), expired, status == 2)
+        return Reservation(reservation_id, held, lease_ms, now, k, expired, status == 2)
 
     async def reserve(
         self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
@@ -416,19 +421,20 @@ class RedisLedger:
     def _settle_call(self, s: Settlement) -> tuple[str, list[str], list[Any]]:
         keys: list[str] = []
         args: list[Any] = [
-            s.reservation_id,
+            "h:" + s.reservation_id,
             s.actual,
             self.horizon_ms,
             id_time_ms(s.reservation_id),
         ]
         for hb in s.holds:
             keys.append(self._key(hb.budget))
-            args += [hb.amount, hb.window, hb.epoch, hb.budget.period_ms]
+            spent_field = f"s:{hb.window}" if hb.window >= 0 else ""
+            args += [-hb.amount, spent_field, hb.epoch, hb.budget.period_ms]
         return "settle", keys, args
 
     @staticmethod
     def _settled(s: Settlement, reply: Any) -> Settled:
-        outcomes = tuple(str(o) for o in reply)
+        outcomes = tuple(str(reply).split(" "))
         if not all(o in _OUTCOMES for o in outcomes):
             raise LedgerError(f"unexpected settle reply {reply!r}")
         return Settled(s.reservation_id, outcomes)  # type: ignore[arg-type]

@@ -7,8 +7,10 @@
 --   ttl         until when (ms) the hash's TTL is armed; -1 while it has none (a lifetime budget, or
 --               a limit override), so scripts know without a PTTL call whether to re-arm it
 --   pa          when the next purge pass is due (ms): no earlier than the first hold expiry,
---               tombstone end or window end; a settled hold can leave it early, which costs a pass
---   pc, pm      a purge pass in progress: its HSCAN cursor and the earliest due time it has seen
+--               tombstone end or window end; a settled hold can leave it early, which costs a pass.
+--               0 while a pass is under way, so the next reserve goes on with it
+--   pc, pm      a purge pass under way: its HSCAN cursor and the earliest due time it has seen
+--               (read only when `pa` is 0, so a reserve's HMGET stays short)
 --   s:<window>  integer micro-units spent in the window that starts at <window> (ms)
 --   h:<id>      a live hold: "<lease expiry ms>:<amount>"
 --   t:<id>      the tombstone of an expired hold: when it was purged (ms)
@@ -27,7 +29,7 @@ end
 
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return t[1] * 1000 + math.floor(t[2] / 1000)
 end
 
 local function window_of(now, period)
@@ -106,6 +108,8 @@ local function pass_state(cursor, due, writes, key)
     writes[#writes + 1] = int(due)
     redis.call('HDEL', key, 'pc', 'pm')
   else
+    writes[#writes + 1] = 'pa'
+    writes[#writes + 1] = '0'
     writes[#writes + 1] = 'pc'
     writes[#writes + 1] = cursor
     writes[#writes + 1] = 'pm'

@@ -1,82 +1,93 @@
 -- reserve: take one hold on every budget, all or nothing.
 -- KEYS: one hash per budget (see the prelude).
--- ARGV[1] reservation id   ARGV[2] lease ms   ARGV[3] tombstone horizon ms
+-- ARGV[1] the hold's field: 'h:' .. reservation id   ARGV[2] lease ms   ARGV[3] tombstone horizon ms
 -- ARGV[4] a fresh epoch token, used by budgets that have none
 -- then 3 per budget: period ms (0 = lifetime), default limit, amount (micro-units)
--- Returns {status, now, purged, {expired ids}, rows...}
---   status 1 admitted, 2 admitted before (a retried reserve: nothing added); a row per budget:
---     {window, epoch, limit, remaining after}
---   status 0 rejected; a row per budget: {window, limit, spent, held, admissible 1|0}
-local id = ARGV[1]
-local lease = tonumber(ARGV[2])
-local horizon = tonumber(ARGV[3])
+-- Returns one flat array: {status, now, k, k expired ids..., then per budget:}
+--   status 1 admitted, 2 admitted before (a retried reserve: nothing added): epoch, limit,
+--     remaining after
+--   status 0 rejected: limit, spent, held, admissible 1|0
+-- A budget's window is the caller's to work out from `now` and its period.
+--
+-- This runs on every request, and on Redis most of its cost is the machinery around the logic,
+-- so the common path keeps that small: numbers are read by arithmetic (`s + 0`, one conversion,
+-- where tonumber() makes two), the HMGET asks only for what every reserve needs, tables are built
+-- whole rather than grown, and the reply is one flat array (the server looks up special fields in
+-- every table it turns into a reply).
+local hold = ARGV[1]
+local lease, horizon = ARGV[2] + 0, ARGV[3] + 0
 local n = #KEYS
-if lease == nil or horizon == nil or n < 1 or #ARGV ~= 4 + 3 * n then
+if n < 1 or #ARGV ~= 4 + 3 * n or lease < 0 or horizon < 0 then
   return redis.error_reply('ERR budget reserve: bad arguments')
-end
-local periods, defaults, amounts = {}, {}, {}
-for i = 1, n do
-  local a = 4 + 3 * (i - 1)
-  periods[i], defaults[i], amounts[i] = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  if periods[i] == nil or defaults[i] == nil or amounts[i] == nil or amounts[i] < 0
-      or amounts[i] ~= math.floor(amounts[i]) then
-    return redis.error_reply('ERR budget reserve: bad arguments')
-  end
 end
 
 local now = now_ms()
-local expiry = now + lease
-local hold = 'h:' .. id
 local ids = {}
-local purged = 0
 local rows = {}
 local rejected = false
 for i = 1, n do
   local key = KEYS[i]
-  local window = window_of(now, periods[i])
-  local v = redis.call('HMGET', key, 'held', 'epoch', 'limit', 'ttl', 'pa', 's:' .. int(window), hold, 'pc', 'pm')
-  local held = tonumber(v[1]) or 0
-  local pa = tonumber(v[5]) or 0
-  local pm = tonumber(v[9]) -- set while a purge pass is under way: the earliest due time it has seen
+  local a = 4 + 3 * (i - 1)
+  local period, default, amount = ARGV[a + 1] + 0, ARGV[a + 2] + 0, ARGV[a + 3] + 0
+  if amount < 0 or amount % 1 ~= 0 or period < 0 then
+    return redis.error_reply('ERR budget reserve: bad arguments')
+  end
+  local window = 0
+  if period > 0 then
+    window = now - now % period
+  end
+  local v = redis.call('HMGET', key, 'held', 'epoch', 'limit', 'ttl', 'pa', string.format('s:%d', window), hold)
+  local held = v[1] and v[1] + 0 or 0
+  local pa = v[5] and v[5] + 0 or NEVER -- every hash has `pa` once it has a hold
+  local pm = false -- the earliest due time a pass under way has seen
+  local writes = false
   local moved = 0
-  local writes = {}
-  if not v[4] then
-    -- No hash yet (every hash has a `ttl` field): nothing to purge.
-    pa = NEVER
-  elseif pm or pa <= now then
-    local released, cursor
-    moved, released, cursor, pm = purge_step(key, v[8] or '0', pm or NEVER, now, horizon, periods[i], ids, writes)
-    purged = purged + moved
+  if pa <= now then
+    -- A purge pass is due, or under way (`pa` is 0): one step of it.
+    local cursor = '0'
+    pm = NEVER
+    if pa == 0 then
+      local pass = redis.call('HMGET', key, 'pc', 'pm')
+      cursor, pm = pass[1] or '0', tonumber(pass[2]) or NEVER
+    end
+    local released
+    writes = {}
+    moved, released, cursor, pm = purge_step(key, cursor, pm, now, horizon, period, ids, writes)
     held = held - released
     pass_state(cursor, pm, writes, key)
     if cursor == '0' then
-      pa, pm = pm, nil
+      pa, pm = pm, false
+    else
+      pa = 0
     end
   end
   if held < 0 then
     held = 0
   end
-  local limit = tonumber(v[3]) or defaults[i]
-  local spent = tonumber(v[6]) or 0
-  local ok = (limit - spent - held > 0) and (spent + held + amounts[i] <= limit)
+  local limit = v[3] and v[3] + 0 or default
+  local spent = v[6] and v[6] + 0 or 0
+  local ok = (limit - spent - held > 0) and (spent + held + amount <= limit)
   if not ok then
     rejected = true
   end
-  rows[i] = {window, v, limit, spent, held, ok, pa, pm, writes, moved}
+  rows[i] = {window, v, limit, spent, held, ok, pa, pm, writes, moved, period, amount}
 end
 
 -- A retried reserve whose first attempt was admitted finds its own hold (and counts it as held).
 local replay = rows[1][2][7] ~= false
 if rejected or replay then
   -- Nothing is added; only what a purge step changed is written, to budgets that exist.
-  local out = {replay and 2 or 0, now, purged, ids}
+  local out = {replay and 2 or 0, now, #ids}
+  for i = 1, #ids do
+    out[#out + 1] = ids[i]
+  end
   for i = 1, n do
     local r = rows[i]
-    if #r[9] > 0 and r[2][4] then
+    if r[9] and #r[9] > 0 and r[2][4] then
       -- Tombstones left by the purge live a horizon from now.
       local expire_at = nil
       if r[10] > 0 then
-        expire_at = arm(tonumber(r[2][4]), now, horizon, 0, 0, r[9])
+        expire_at = arm(r[2][4] + 0, now, horizon, 0, 0, r[9])
       end
       redis.call('HSET', KEYS[i], unpack(r[9]))
       if expire_at then
@@ -84,24 +95,35 @@ if rejected or replay then
       end
     end
     if replay then
-      out[#out + 1] = {r[1], r[2][2] or '', r[3], r[3] - r[4] - r[5]}
+      out[#out + 1] = r[2][2] or ''
+      out[#out + 1] = r[3]
+      out[#out + 1] = r[3] - r[4] - r[5]
     else
-      out[#out + 1] = {r[1], r[3], r[4], r[5], r[6] and 1 or 0}
+      out[#out + 1] = r[3]
+      out[#out + 1] = r[4]
+      out[#out + 1] = r[5]
+      out[#out + 1] = r[6] and 1 or 0
     end
   end
   return out
 end
 
-local out = {1, now, purged, ids}
+local expiry = now + lease
+local out = nil
 for i = 1, n do
   local key = KEYS[i]
   local r = rows[i]
   local window, v, limit, spent, held, pa, pm, writes = r[1], r[2], r[3], r[4], r[5], r[7], r[8], r[9]
-  local amount = amounts[i]
-  writes[#writes + 1] = hold
-  writes[#writes + 1] = int(expiry) .. ':' .. ARGV[4 + 3 * i]
-  writes[#writes + 1] = 'held'
-  writes[#writes + 1] = int(held + amount)
+  local period, amount = r[11], r[12]
+  local value, total = string.format('%d:%d', expiry, amount), int(held + amount)
+  if writes then
+    writes[#writes + 1] = hold
+    writes[#writes + 1] = value
+    writes[#writes + 1] = 'held'
+    writes[#writes + 1] = total
+  else
+    writes = {hold, value, 'held', total}
+  end
   local epoch = v[2]
   if not epoch then
     epoch = ARGV[4]
@@ -112,14 +134,14 @@ for i = 1, n do
   -- So must the previous window, when this is the first reserve that sees a new one: it can go
   -- once this one is a period old.
   local due = expiry
-  if not v[6] and periods[i] > 0 then
-    due = math.min(due, window + periods[i])
+  if not v[6] and period > 0 and window + period < due then
+    due = window + period
   end
   due_by(due, pa, pm, writes)
-  local armed = tonumber(v[4]) or 0
+  local armed = v[4] and v[4] + 0 or 0
   local persist = false
   local expire_at = nil
-  if v[3] or (periods[i] == 0 and v[6]) then
+  if v[3] or (period == 0 and v[6]) then
     -- A limit override, or the spend of a lifetime budget, is the budget's record: no TTL.
     if armed ~= -1 then
       writes[#writes + 1] = 'ttl'
@@ -132,7 +154,7 @@ for i = 1, n do
     if armed == -1 then
       armed = 0
     end
-    expire_at = arm(armed, expiry, horizon, window, periods[i], writes)
+    expire_at = arm(armed, expiry, horizon, window, period, writes)
   end
   redis.call('HSET', key, unpack(writes))
   if expire_at then
@@ -140,6 +162,17 @@ for i = 1, n do
   elseif persist then
     redis.call('PERSIST', key)
   end
-  out[#out + 1] = {window, epoch, limit, limit - spent - held - amount}
+  if n == 1 and #ids == 0 then
+    return {1, now, 0, epoch, limit, limit - spent - held - amount}
+  end
+  if not out then
+    out = {1, now, #ids}
+    for j = 1, #ids do
+      out[#out + 1] = ids[j]
+    end
+  end
+  out[#out + 1] = epoch
+  out[#out + 1] = limit
+  out[#out + 1] = limit - spent - held - amount
 end
 return out

@@ -1,49 +1,49 @@
 -- settle: end one reservation exactly once; remove its holds and add the actual cost to spent.
 -- KEYS: one hash per budget (see the prelude).
--- ARGV[1] reservation id   ARGV[2] actual (micro-units)   ARGV[3] tombstone horizon ms
--- ARGV[4] the id's creation time ms
--- then 4 per budget: amount held, window (-1: the reserve's reply never came, release only),
---   epoch returned by the reserve, period ms
--- Returns {outcome per budget...}: applied | late | recovered | duplicate | stale
-local id = ARGV[1]
-local actual = tonumber(ARGV[2])
-local horizon = tonumber(ARGV[3])
-local id_time = tonumber(ARGV[4])
+-- ARGV[1] the hold's field: 'h:' .. reservation id   ARGV[2] actual (micro-units)
+-- ARGV[3] tombstone horizon ms   ARGV[4] the id's creation time ms
+-- then 4 per budget: the amount held, negated; the field of the reserve's window, 's:' .. window
+--   ('' when the reserve's reply never came: release only); the epoch the reserve returned; period ms
+-- Returns the outcome per budget, separated by spaces: applied | late | recovered | duplicate | stale
+--
+-- The common path (the hold is there) is HDEL and two HINCRBYs of strings the caller formatted,
+-- with one number read: see reserve.lua for why.
+local hold = ARGV[1]
+local actual = ARGV[2] + 0
 local n = #KEYS
-if actual == nil or actual < 0 or actual ~= math.floor(actual) or horizon == nil or id_time == nil or n < 1 or #ARGV ~= 4 + 4 * n then
+if actual < 0 or actual % 1 ~= 0 or n < 1 or #ARGV ~= 4 + 4 * n then
   return redis.error_reply('ERR budget settle: bad arguments')
 end
-local amounts, windows, periods = {}, {}, {}
 for i = 1, n do
   local a = 4 + 4 * (i - 1)
-  amounts[i], windows[i], periods[i] = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 4])
-  if amounts[i] == nil or amounts[i] < 0 or amounts[i] ~= math.floor(amounts[i]) or windows[i] == nil
-      or windows[i] ~= math.floor(windows[i]) or periods[i] == nil
-      or (windows[i] < 0 and actual ~= 0) then
+  local release = ARGV[a + 1] + 0
+  if release > 0 or release % 1 ~= 0 or (ARGV[a + 2] == '' and actual ~= 0) then
     return redis.error_reply('ERR budget settle: bad arguments')
   end
 end
 
-local hold, tombstone, done = 'h:' .. id, 't:' .. id, 'd:' .. id
-local out = {}
+local out = n > 1 and {} or nil
 for i = 1, n do
   local key = KEYS[i]
-  local window, period = windows[i], periods[i]
+  local a = 4 + 4 * (i - 1)
+  local release, spent_field, period = ARGV[a + 1], ARGV[a + 2], ARGV[a + 4]
   local outcome
   if redis.call('HDEL', key, hold) == 1 then
-    if amounts[i] > 0 then
-      redis.call('HINCRBY', key, 'held', int(-amounts[i]))
+    if release ~= '0' then
+      redis.call('HINCRBY', key, 'held', release)
     end
     outcome = 'applied'
-  elseif redis.call('HDEL', key, tombstone) == 1 then
+  elseif redis.call('HDEL', key, 't:' .. string.sub(hold, 3)) == 1 then
     outcome = 'late'
-  elseif window < 0 then
+  elseif spent_field == '' then
     outcome = 'duplicate'
   else
+    local horizon = ARGV[3] + 0
     local now = now_ms()
-    local old = id_time < now - horizon
+    local old = ARGV[4] + 0 < now - horizon
+    local done = 'd:' .. string.sub(hold, 3)
     local st = redis.call('HMGET', key, 'epoch', done, 'ttl', 'pa', 'pm')
-    if st[1] == ARGV[4 * i + 3] then -- the epoch the reserve returned
+    if st[1] == ARGV[a + 3] then -- the epoch the reserve returned
       if old then outcome = 'stale' else outcome = 'duplicate' end
     elseif st[2] then
       outcome = 'duplicate'
@@ -57,20 +57,24 @@ for i = 1, n do
       local writes = {done, int(now)}
       -- The done record is swept after the horizon: the next purge pass must come by then.
       due_by(now + horizon, tonumber(st[4]), tonumber(st[5]), writes)
-      local expire_at = arm(tonumber(st[3]) or 0, now, horizon, window, period, writes)
+      local window = string.sub(spent_field, 3) + 0
+      local expire_at = arm(tonumber(st[3]) or 0, now, horizon, window, period + 0, writes)
       redis.call('HSET', key, unpack(writes))
       if expire_at then
         redis.call('PEXPIREAT', key, int(expire_at))
       end
     end
   end
-  if actual > 0 and window >= 0 and outcome ~= 'duplicate' and outcome ~= 'stale' then
-    if redis.call('HINCRBY', key, 's:' .. int(window), int(actual)) == actual and period == 0 then
+  if actual > 0 and spent_field ~= '' and outcome ~= 'duplicate' and outcome ~= 'stale' then
+    if redis.call('HINCRBY', key, spent_field, ARGV[2]) == actual and period == '0' then
       -- The first spend of a lifetime budget: from now on the hash is its record, with no TTL.
       redis.call('HSET', key, 'ttl', '-1')
       redis.call('PERSIST', key)
     end
   end
+  if n == 1 then
+    return outcome
+  end
   out[i] = outcome
 end
-return out
+return table.concat(out, ' ')
