@@ -37,7 +37,6 @@ from ._types import (
     Usage,
     Violation,
     check_lease,
-    id_time_ms,
 )
 
 __all__ = ["RedisLedger", "redact_url"]
@@ -322,7 +321,7 @@ class RedisLedger:
         self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
     ) -> tuple[str, list[str], list[Any]]:
         keys: list[str] = []
-        args: list[Any] = ["h:" + reservation_id, lease_ms, self.horizon_ms, os.urandom(8).hex()]
+        args: list[Any] = ["h:" + reservation_id, lease_ms, self.horizon_ms]
         for h in holds:
             keys.append(self._key(h.budget))
             args += [h.budget.period_ms, h.limit, h.amount]
@@ -424,7 +423,6 @@ class RedisLedger:
             "h:" + s.reservation_id,
             s.actual,
             self.horizon_ms,
-            id_time_ms(s.reservation_id),
         ]
         for hb in s.holds:
             keys.append(self._key(hb.budget))

@@ -2,7 +2,8 @@
 --
 -- A budget is one HASH, passed as one key: <prefix>:{<rule>:<entity>}. Its fields:
 --   held        integer micro-units: the sum of live holds
---   epoch       random token of this budget's state (DESIGN.md 4)
+--   epoch       random token of this budget's state (DESIGN.md 4): the id of the reservation
+--               whose hold made it
 --   limit       optional per-entity limit override (an operator's setting: the hash then has no TTL)
 --   ttl         until when (ms) the hash's TTL is armed; -1 while it has none (a lifetime budget, or
 --               a limit override), so scripts know without a PTTL call whether to re-arm it
@@ -29,7 +30,8 @@ end
 
 local function now_ms()
   local t = redis.call('TIME')
-  return t[1] * 1000 + math.floor(t[2] / 1000)
+  local us = t[2] + 0
+  return t[1] * 1000 + (us - us % 1000) / 1000
 end
 
 local function window_of(now, period)

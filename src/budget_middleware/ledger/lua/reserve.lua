@@ -1,7 +1,6 @@
 -- reserve: take one hold on every budget, all or nothing.
 -- KEYS: one hash per budget (see the prelude).
 -- ARGV[1] the hold's field: 'h:' .. reservation id   ARGV[2] lease ms   ARGV[3] tombstone horizon ms
--- ARGV[4] a fresh epoch token, used by budgets that have none
 -- then 3 per budget: period ms (0 = lifetime), default limit, amount (micro-units)
 -- Returns one flat array: {status, now, k, k expired ids..., then per budget:}
 --   status 1 admitted, 2 admitted before (a retried reserve: nothing added): epoch, limit,
@@ -17,7 +16,7 @@
 local hold = ARGV[1]
 local lease, horizon = ARGV[2] + 0, ARGV[3] + 0
 local n = #KEYS
-if n < 1 or #ARGV ~= 4 + 3 * n or lease < 0 or horizon < 0 then
+if n < 1 or #ARGV ~= 3 + 3 * n or lease < 0 or horizon < 0 then
   return redis.error_reply('ERR budget reserve: bad arguments')
 end
 
@@ -27,7 +26,7 @@ local rows = {}
 local rejected = false
 for i = 1, n do
   local key = KEYS[i]
-  local a = 4 + 3 * (i - 1)
+  local a = 3 + 3 * (i - 1)
   local period, default, amount = ARGV[a + 1] + 0, ARGV[a + 2] + 0, ARGV[a + 3] + 0
   if amount < 0 or amount % 1 ~= 0 or period < 0 then
     return redis.error_reply('ERR budget reserve: bad arguments')
@@ -126,7 +125,9 @@ for i = 1, n do
   end
   local epoch = v[2]
   if not epoch then
-    epoch = ARGV[4]
+    -- A new budget state: its epoch is the id of the reservation that made it, random and never
+    -- reused by another.
+    epoch = string.sub(hold, 3)
     writes[#writes + 1] = 'epoch'
     writes[#writes + 1] = epoch
   end

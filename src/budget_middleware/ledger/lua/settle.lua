@@ -1,7 +1,7 @@
 -- settle: end one reservation exactly once; remove its holds and add the actual cost to spent.
 -- KEYS: one hash per budget (see the prelude).
 -- ARGV[1] the hold's field: 'h:' .. reservation id   ARGV[2] actual (micro-units)
--- ARGV[3] tombstone horizon ms   ARGV[4] the id's creation time ms
+-- ARGV[3] tombstone horizon ms
 -- then 4 per budget: the amount held, negated; the field of the reserve's window, 's:' .. window
 --   ('' when the reserve's reply never came: release only); the epoch the reserve returned; period ms
 -- Returns the outcome per budget, separated by spaces: applied | late | recovered | duplicate | stale
@@ -11,11 +11,11 @@
 local hold = ARGV[1]
 local actual = ARGV[2] + 0
 local n = #KEYS
-if actual < 0 or actual % 1 ~= 0 or n < 1 or #ARGV ~= 4 + 4 * n then
+if actual < 0 or actual % 1 ~= 0 or n < 1 or #ARGV ~= 3 + 4 * n then
   return redis.error_reply('ERR budget settle: bad arguments')
 end
 for i = 1, n do
-  local a = 4 + 4 * (i - 1)
+  local a = 3 + 4 * (i - 1)
   local release = ARGV[a + 1] + 0
   if release > 0 or release % 1 ~= 0 or (ARGV[a + 2] == '' and actual ~= 0) then
     return redis.error_reply('ERR budget settle: bad arguments')
@@ -25,7 +25,7 @@ end
 local out = n > 1 and {} or nil
 for i = 1, n do
   local key = KEYS[i]
-  local a = 4 + 4 * (i - 1)
+  local a = 3 + 4 * (i - 1)
   local release, spent_field, period = ARGV[a + 1], ARGV[a + 2], ARGV[a + 4]
   local outcome
   if redis.call('HDEL', key, hold) == 1 then
@@ -40,7 +40,10 @@ for i = 1, n do
   else
     local horizon = ARGV[3] + 0
     local now = now_ms()
-    local old = ARGV[4] + 0 < now - horizon
+    -- An id of ours (32 characters) starts with its creation time in ms, in 12 lower-case hex
+    -- digits; any other id counts as old (as id_time_ms says in Python).
+    local made = #hold == 34 and string.match(hold, '^h:(' .. string.rep('[0-9a-f]', 12) .. ')')
+    local old = not made or tonumber(made, 16) < now - horizon
     local done = 'd:' .. string.sub(hold, 3)
     local st = redis.call('HMGET', key, 'epoch', done, 'ttl', 'pa', 'pm')
     if st[1] == ARGV[a + 3] then -- the epoch the reserve returned
