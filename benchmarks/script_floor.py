@@ -12,15 +12,30 @@ Runs, on one redis-server, one hot budget, request-response (concurrency 1), int
 Each reports ``INFO commandstats`` usec per pair of the script calls (or of the naive commands), as
 benchmarks/ledger.py does, so ``bare / naive`` is the lowest ratio these commands can reach.
 
+``--callgrind`` counts instead the instructions redis-server executes inside those commands
+(valgrind's callgrind, collecting only inside ``evalShaCommand``, or ``incrbyfloatCommand`` and
+``expireCommand`` for naive), per pair: the difference between a run of ``--cg-pairs`` HI and one of
+LO pairs, each on its own redis-server. Counts do not move with the load on the machine, so they
+show what a change to the scripts does where timings cannot (a run takes about a minute).
+
     .venv/bin/python benchmarks/script_floor.py [--pairs 6000] [--rounds 3]
+    .venv/bin/python benchmarks/script_floor.py --callgrind [--cg-pairs 500 2500]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -44,14 +59,14 @@ from budget_middleware.ledger import RedisLedger, new_reservation_id
 EMPTY = "return 1"
 BARE_RESERVE = """
 local t = redis.call('TIME')
-redis.call('HMGET', KEYS[1], 'held', 'epoch', 'limit', 'ttl', 'pa', 's:' .. ARGV[5], 'h:' .. ARGV[1])
-redis.call('HSET', KEYS[1], 'h:' .. ARGV[1], ARGV[6], 'held', ARGV[7])
+redis.call('HMGET', KEYS[1], 'held', 'epoch', 'limit', 'ttl', 'pa', ARGV[4], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[5], 'held', ARGV[6])
 return 1
 """
 BARE_SETTLE = """
-redis.call('HDEL', KEYS[1], 'h:' .. ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'held', ARGV[5])
-redis.call('HINCRBY', KEYS[1], 's:' .. ARGV[6], ARGV[2])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'held', ARGV[4])
+redis.call('HINCRBY', KEYS[1], ARGV[5], ARGV[2])
 return 1
 """
 
@@ -61,12 +76,12 @@ def script_pair(client: aioredis.Redis, reserve_sha: str, settle_sha: str) -> Pa
     key = "floor:{bench:r:hot}"
 
     async def pair(_i: int) -> None:
-        rid = new_reservation_id()
+        hold = "h:" + new_reservation_id()
         await client.evalsha(
-            reserve_sha, 1, key, rid, 30_000, 86_400_000, "e", "1764288000000", "99:1000", 1000
+            reserve_sha, 1, key, hold, 30_000, 86_400_000, "s:1764288000000", "99:1000", 1000
         )
         await client.evalsha(
-            settle_sha, 1, key, rid, 700, 86_400_000, 1764288000000, -1000, "1764288000000", 1
+            settle_sha, 1, key, hold, 700, 86_400_000, -1000, "s:1764288000000", "e", 86_400_000
         )
 
     return pair
@@ -120,11 +135,111 @@ async def main_async(url: str, pairs: int, rounds: int) -> None:
         print(f"| {name} | {med:.2f} | {med / naive:.2f}x | {rounds_text} |")
 
 
+# -- instructions under callgrind ----------------------------------------------------------------
+
+COLLECT = {"naive": ("incrbyfloatCommand", "expireCommand")}
+SCRIPT_COLLECT = ("evalShaCommand",)
+
+
+@contextlib.contextmanager
+def callgrind_server(name: str, out_file: str) -> Iterator[int]:
+    """redis-server under callgrind on a free port, collecting inside the phase's commands only.
+
+    Yields the port; the caller shuts the server down, and callgrind writes ``out_file`` as it exits.
+    """
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind not found (apt-get install valgrind)")
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("redis-server not found on PATH")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    collect = [f"--toggle-collect={f}" for f in COLLECT.get(name, SCRIPT_COLLECT)]
+    with tempfile.TemporaryDirectory(prefix="bench-cg-") as tmp:
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", *collect, exe,
+             "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", tmp],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            yield port
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(timeout=60)
+
+
+async def cg_drive(name: str, port: int, pairs: int) -> None:
+    url = f"redis://127.0.0.1:{port}/0"
+    client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            await client.ping()
+            break
+        except (OSError, aioredis.ConnectionError):
+            if time.monotonic() > deadline:
+                raise SystemExit("redis-server under callgrind did not answer within 60 s") from None
+            await asyncio.sleep(0.1)
+    ledger: RedisLedger | None = None
+    try:
+        if name == "naive":
+            pair = naive_pair(client, budgets_for("hot"))
+        elif name == "ledger":
+            ledger = RedisLedger(url)
+            pair = ledger_pair(ledger, budgets_for("hot"))
+        else:
+            reserve, settle = (EMPTY, EMPTY) if name == "empty" else (BARE_RESERVE, BARE_SETTLE)
+            shas = [await client.script_load(reserve), await client.script_load(settle)]
+            pair = script_pair(client, *shas)
+        await drive(pair, pairs, 1)
+        with contextlib.suppress(aioredis.ConnectionError):
+            await client.shutdown(nosave=True)  # callgrind writes its counts as redis-server exits
+    finally:
+        if ledger is not None:
+            await ledger.aclose()
+        await client.aclose()
+
+
+def cg_instructions(name: str, pairs: int) -> int:
+    with tempfile.TemporaryDirectory(prefix="bench-cg-out-") as tmp:
+        out_file = os.path.join(tmp, "callgrind.out")
+        with callgrind_server(name, out_file) as port:
+            asyncio.run(cg_drive(name, port, pairs))
+        with open(out_file) as f:
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    return int(line.split()[1])
+    raise SystemExit(f"no instruction count in the callgrind output of {name}")
+
+
+def main_callgrind(lo: int, hi: int) -> None:
+    names = ("naive", "empty", "bare", "ledger")
+    per_pair = {}
+    for name in names:
+        per_pair[name] = (cg_instructions(name, hi) - cg_instructions(name, lo)) / (hi - lo)
+        print(f"{name}: {per_pair[name]:,.0f} instructions/pair", flush=True)
+    print()
+    print(f"redis-server instructions per pair inside the measured commands ({hi} - {lo} pairs, c=1)")
+    print("| pair | instructions/pair | vs naive |")
+    print("|---|---|---|")
+    for name in names:
+        print(f"| {name} | {per_pair[name]:,.0f} | {per_pair[name] / per_pair['naive']:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--pairs", type=int, default=6_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--callgrind", action="store_true", help="count instructions instead")
+    parser.add_argument("--cg-pairs", type=int, nargs=2, default=(500, 2_500), metavar=("LO", "HI"))
     args = parser.parse_args()
+    if args.callgrind:
+        main_callgrind(*args.cg_pairs)
+        return
     with redis_server() as url:
         asyncio.run(main_async(url, args.pairs, args.rounds))
 
