@@ -28,7 +28,7 @@ from ._types import (
     id_time_ms,
 )
 
-__all__ = ["MemoryLedger"]
+__all__ = ["HoldFacts", "MemoryLedger"]
 
 PURGE_BATCH = 64
 DAY_MS = 86_400_000
@@ -38,8 +38,17 @@ DAY_MS = 86_400_000
 _HEAP_SLACK = 64
 
 
+# One hold taken by ``MemoryLedger.reserve_hold``: its window, epoch, limit (after any override),
+# remaining, reset time (None for a lifetime budget), the expired holds purged first (count, ids),
+# and whether the reservation id was already held (a replay).
+HoldFacts = tuple[int, str, int, int, int | None, int, tuple[str, ...], bool]
+
+
+_time_ns = time.time_ns
+
+
 def _wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
+    return _time_ns() // 1_000_000
 
 
 @dataclass(slots=True)
@@ -149,6 +158,14 @@ class MemoryLedger:
 
         Runs on every request, so the state lookup is inlined and nothing is built that the answer
         does not carry."""
+        if len(holds) == 1:  # most requests have one rule
+            h = holds[0]
+            got = self.reserve_hold(reservation_id, h.budget, h.limit, h.amount, lease_ms)
+            if isinstance(got, Rejection):
+                return got
+            (window, epoch, limit, remaining, reset_ms, purged, expired, replay), now = got
+            one = HeldBudget(h.budget, h.amount, window, epoch, limit, remaining, reset_ms)
+            return Reservation(reservation_id, (one,), lease_ms, now, purged, expired, replay)
         if not holds:
             raise ValueError("reserve needs at least one hold")
         if not 0 < lease_ms <= self.horizon_ms:
@@ -157,8 +174,6 @@ class MemoryLedger:
         self._ops += 1
         if self._ops % 10_000 == 0:
             self._sweep(now)
-        if len(holds) == 1:
-            return self._reserve_one(reservation_id, holds[0], lease_ms, now)
         states = self._states
         limits = self._limits
         expired_ids: list[str] = []
@@ -212,12 +227,20 @@ class MemoryLedger:
             reservation_id, tuple(held), lease_ms, now, purged, tuple(expired_ids), replay
         )
 
-    def _reserve_one(
-        self, reservation_id: str, h: HoldRequest, lease_ms: int, now: int
-    ) -> Reservation | Rejection:
-        """``reserve_now`` of one hold, as most requests have one rule: the same steps without
-        the rows and lists that several holds need."""
-        b = h.budget
+    def reserve_hold(
+        self, reservation_id: str, budget: Budget, limit: int, amount: int, lease_ms: int
+    ) -> tuple[HoldFacts, int] | Rejection:
+        """Reserve one hold synchronously, without the request and result objects: what a
+        middleware with one rule needs on every request, and ``reserve_now`` of one hold. Returns
+        the hold's facts (``HoldFacts``) and the ledger's time, or the ``Rejection``."""
+        if not 0 < lease_ms <= self.horizon_ms:
+            check_lease(lease_ms, self.horizon_ms)
+        clock = self._clock
+        now = _time_ns() // 1_000_000 if clock is _wall_clock_ms else clock()
+        self._ops += 1
+        if self._ops % 10_000 == 0:
+            self._sweep(now)
+        b = budget
         key = (b.rule, b.entity)
         st = self._states.get(key)
         if st is None:
@@ -234,9 +257,9 @@ class MemoryLedger:
         period = b.period_ms
         window = now - now % period if period else 0
         reset_ms = window + period if period else None
-        limit = self._limits.get(key, h.limit) if self._limits else h.limit
+        if self._limits:
+            limit = self._limits.get(key, limit)
         spent = st.spent.get(window, 0)
-        amount = h.amount
         replay = reservation_id in st.holds
         if not replay:
             if limit - spent - st.held <= 0 or spent + st.held + amount > limit:
@@ -244,59 +267,84 @@ class MemoryLedger:
                 return Rejection(reservation_id, (violation,), purged, expired_ids)
             expiry = now + lease_ms
             st.holds[reservation_id] = (expiry, amount)
-            heapq.heappush(st.expiry_heap, (expiry, reservation_id))
+            heapq.heappush(heap, (expiry, reservation_id))
             st.held += amount
-        held = HeldBudget(b, amount, window, st.epoch, limit, limit - spent - st.held, reset_ms)
-        return Reservation(reservation_id, (held,), lease_ms, now, purged, expired_ids, replay)
+        remaining = limit - spent - st.held
+        return (window, st.epoch, limit, remaining, reset_ms, purged, expired_ids, replay), now
 
-    def _settle_one(self, s: Settlement, now: int) -> Settled:
+    def _settle_one(self, s: Settlement, now: int | None = None) -> Settled:
         actual = s.actual
-        if actual < 0 or (actual and any(hb.window < 0 for hb in s.holds)):
-            raise ValueError("a settle needs actual >= 0, and a release (window -1) actual 0")
         rid = s.reservation_id
-        states = self._states
-        outcomes: list[SettleOutcome] = []
-        for hb in s.holds:
-            b = hb.budget
-            st = states.get((b.rule, b.entity))
-            if st is None:
-                st = self._state(b, now)
+        holds = s.holds
+        if len(holds) == 1:
+            hb = holds[0]
+            return Settled(rid, (self.settle_hold(rid, hb.budget, hb.window, hb.epoch, actual, now),))
+        if actual < 0 or (actual and any(hb.window < 0 for hb in holds)):
+            raise ValueError("a settle needs actual >= 0, and a release (window -1) actual 0")
+        if now is None:
+            now = self._clock()
+        return Settled(
+            rid,
+            tuple(self.settle_hold(rid, hb.budget, hb.window, hb.epoch, actual, now) for hb in holds),
+        )
+
+    def settle_hold(
+        self,
+        reservation_id: str,
+        budget: Budget,
+        window: int,
+        epoch: str,
+        actual: int,
+        now: int | None = None,
+    ) -> SettleOutcome:
+        """Settle one hold synchronously, without the settlement objects: remove it (or its
+        tombstone) and add ``actual`` to spent. A settle of one hold is this, and a settle of
+        several is this for each, at one ``now``. Returns the hold's outcome."""
+        if actual < 0 or (actual and window < 0):
+            raise ValueError("a settle needs actual >= 0, and a release (window -1) actual 0")
+        if now is None:
+            clock = self._clock
+            now = _time_ns() // 1_000_000 if clock is _wall_clock_ms else clock()
+        rid = reservation_id
+        b = budget
+        st = self._states.get((b.rule, b.entity))
+        if st is None:
+            st = self._state(b, now)
+        else:
+            st.touched_ms = now
+        outcome: SettleOutcome
+        entry = st.holds.pop(rid, None)
+        if entry is not None:
+            st.held -= entry[1]
+            outcome = "applied"
+            if not st.holds:
+                st.expiry_heap.clear()  # only settled entries were left in it
+            elif len(st.expiry_heap) > 2 * len(st.holds) + _HEAP_SLACK:
+                _compact(st)
+        elif st.expired.pop(rid, None) is not None:
+            outcome = "late"
+        elif window < 0:
+            return "duplicate"  # the release of a reserve that never landed: nothing held
+        elif st.epoch == epoch:
+            return "stale" if self._old(rid, now) else "duplicate"
+        elif rid in st.done:
+            return "duplicate"
+        elif self._old(rid, now):
+            return "stale"
+        else:
+            outcome = "recovered"
+            st.done[rid] = now
+            cutoff = now - self.horizon_ms
+            for done_id in [d for d, t in st.done.items() if t <= cutoff]:
+                del st.done[done_id]
+        if actual and window >= 0:
+            spent = st.spent
+            if window in spent:
+                spent[window] += actual
             else:
-                st.touched_ms = now
-            outcome: SettleOutcome
-            entry = st.holds.pop(rid, None)
-            if entry is not None:
-                st.held -= entry[1]
-                outcome = "applied"
-                if not st.holds:
-                    st.expiry_heap.clear()  # only settled entries were left in it
-                elif len(st.expiry_heap) > 2 * len(st.holds) + _HEAP_SLACK:
-                    _compact(st)
-            elif st.expired.pop(rid, None) is not None:
-                outcome = "late"
-            elif hb.window < 0:
-                outcome = "duplicate"  # the release of a reserve that never landed: nothing held
-            elif st.epoch == hb.epoch:
-                outcome = "stale" if self._old(rid, now) else "duplicate"
-            elif rid in st.done:
-                outcome = "duplicate"
-            elif self._old(rid, now):
-                outcome = "stale"
-            else:
-                outcome = "recovered"
-                st.done[rid] = now
-                cutoff = now - self.horizon_ms
-                for done_id in [d for d, t in st.done.items() if t <= cutoff]:
-                    del st.done[done_id]
-            if actual and hb.window >= 0 and outcome != "duplicate" and outcome != "stale":
-                spent = st.spent
-                if hb.window in spent:
-                    spent[hb.window] += actual
-                else:
-                    spent[hb.window] = actual
-                    self._tidy_windows(st, b, hb.window, now)
-            outcomes.append(outcome)
-        return Settled(rid, tuple(outcomes))
+                spent[window] = actual
+                self._tidy_windows(st, b, window, now)
+        return outcome
 
     def _old(self, reservation_id: str, now: int) -> bool:
         return id_time_ms(reservation_id) < now - self.horizon_ms
@@ -311,10 +359,10 @@ class MemoryLedger:
     def settle_now(self, settlement: Settlement) -> Settled:
         """Settle synchronously: the memory ledger cannot fail or block, so the finalizer applies
         its settlements at once instead of queueing them."""
-        return self._settle_one(settlement, self._clock())
+        return self._settle_one(settlement)
 
     async def settle(self, settlement: Settlement) -> Settled:
-        return self._settle_one(settlement, self._clock())
+        return self._settle_one(settlement)
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> list[Settled]:
         now = self._clock()
