@@ -91,8 +91,13 @@ def charge_micros(amount: Amount, what: str) -> int:
 
     Plain: ASCII digits, at most 9 before the point (far below the largest exact amount) and 1 to 6
     after it, exactly the strings ``to_micros`` turns into integers without rounding or refusing.
+    The plain strings seen last are kept with their value (at most ``_PLAIN_CACHE``), since an app
+    tends to report the same few prices again and again.
     """
     if type(amount) is str:
+        micros = _plain.get(amount)
+        if micros is not None:
+            return micros
         whole, point, fraction = amount.partition(".")
         if (
             0 < len(whole) <= 9
@@ -100,8 +105,17 @@ def charge_micros(amount: Amount, what: str) -> int:
             and whole.isdigit()
             and (not point or (0 < len(fraction) <= 6 and fraction.isascii() and fraction.isdigit()))
         ):
-            return int(whole) * MICROS + (int(fraction.ljust(6, "0")) if point else 0)
+            micros = int(whole) * MICROS + (int(fraction.ljust(6, "0")) if point else 0)
+            if len(_plain) >= _PLAIN_CACHE:
+                _plain.clear()
+            _plain[amount] = micros
+            return micros
     return to_micros(amount, what=what)
+
+
+# Plain decimal strings already converted by ``charge_micros``: at most 1024 short strings.
+_PLAIN_CACHE = 1024
+_plain: dict[str, int] = {}
 
 
 def get_reservation(request: HTTPConnection) -> RequestBudget:
