@@ -31,13 +31,36 @@ from opentelemetry.trace import INVALID_SPAN_CONTEXT, Link, SpanContext, Status,
 
 from .amounts import format_micros
 from .journal import Journal
-from .keys import EntityHasher
-from .ledger import Ledger, LedgerError, LedgerUnavailable, Reservation, Settled, Settlement
-from .telemetry import ATTR, EVENT_OVERRUN, SPAN_RENEW, SPAN_SETTLE, instruments, tracer
+from .keys import Budget, EntityHasher
+from .ledger import (
+    HeldBudget,
+    Ledger,
+    LedgerError,
+    LedgerUnavailable,
+    Reservation,
+    Settled,
+    Settlement,
+    SettleOutcome,
+)
+from .telemetry import (
+    ATTR,
+    EVENT_OVERRUN,
+    SPAN_RENEW,
+    SPAN_SETTLE,
+    instruments,
+    metrics_recorded,
+    tracer,
+)
 
-__all__ = ["Finalizer"]
+__all__ = ["Finalizer", "Hold"]
 
 logger = logging.getLogger("budget_middleware")
+
+# One admitted hold of a one-rule request on a ledger with ``reserve_hold`` (memory), as the
+# middleware's lean path keeps it instead of a ``Reservation``: (reservation id, budget, amount,
+# window, epoch, limit, remaining, reset_ms, lease_ms, now_ms), the fields of the ``Reservation``
+# and its one ``HeldBudget``, which are built from it only when something needs them.
+Hold = tuple[str, Budget, int, int, str, int, int, int | None, int, int]
 
 
 class Finalizer:
@@ -67,20 +90,27 @@ class Finalizer:
         self.retry_base_s = retry_base_s
         self.retry_cap_s = retry_cap_s
         self._hasher = hasher or EntityHasher()
-        self._on_settled = on_settled
+        self.on_settled = on_settled
         self._span_raw_ids = span_raw_ids
         # A ledger that settles synchronously (memory) is applied in submit: nothing can block it.
         self._settle_now: Callable[[Settlement], Settled] | None = getattr(ledger, "settle_now", None)
+        # ... and settles one hold without the objects (``settle_hold``), for ``settle_hold`` here.
+        self._settle_hold: Callable[[str, Budget, int, str, int], SettleOutcome] | None = (
+            getattr(ledger, "settle_hold", None) if self._settle_now is not None else None
+        )
         # ... and needs no journal: a settlement is applied before submit returns.
         self.journal = journal if self._settle_now is None else None
         self.max_pending = max_pending
         self._pending: deque[Settlement] = deque()
-        self._inflight: dict[str, tuple[Reservation, float]] = {}
+        self._inflight: dict[str, tuple[Reservation | Hold, float]] = {}
         self._wakeup: anyio.Event | None = None
         self._changed: anyio.Event | None = None
         self._busy = False
         self._batch = 0  # the size of the batch in flight, counted in the bound
-        self._wait_until = -1.0  # when the idle worker wakes by itself (monotonic), -1 if busy
+        # When the idle worker wakes by itself (monotonic), -1 if busy. It sleeps at most a third
+        # of a lease, so a request tracked meanwhile (due a third of its lease after it started)
+        # need not wake it, unless its lease is shorter than the finalizer's.
+        self._wait_until = -1.0
         self._renew_failures = 0
         self._stopping = False
         self._stopped = False
@@ -117,6 +147,19 @@ class Finalizer:
         if due < self._wait_until and self._wakeup is not None:
             self._wakeup.set()  # the idle worker sleeps past this renewal: let it look again
 
+    def track_hold(self, hold: Hold) -> None:
+        """``track`` of the ``Reservation`` of one ``Hold``, which is built only if it is renewed."""
+        due = time.monotonic() + hold[8] / 3000
+        self._inflight[hold[0]] = (hold, due)
+        if due < self._wait_until and self._wakeup is not None:
+            self._wakeup.set()
+
+    @property
+    def settles_holds(self) -> bool:
+        """Whether ``settle_hold`` applies a settlement at once, through the ledger's own
+        ``settle_hold`` (the memory ledger), without building its objects."""
+        return self._settle_hold is not None
+
     def submit(self, settlement: Settlement) -> None:
         """Hand a settlement over. Synchronous: nothing here can be cancelled."""
         self._inflight.pop(settlement.reservation_id, None)
@@ -129,6 +172,48 @@ class Finalizer:
             else:
                 self._record(settlement, result, started)
                 return
+        self._queue(settlement)
+
+    def settle_hold(
+        self, hold: Hold, actual: int, reason: str, context: object = None, trace_id: str = ""
+    ) -> None:
+        """``submit`` of the settlement of one ``Hold``: ``Settlement(id, (its HeldBudget,),
+        actual, reason, amount, context=context, trace_id=trace_id)``, applied the same way and
+        recorded the same way. Synchronous: nothing here can be cancelled.
+
+        With a ledger that settles holds (``settles_holds``) the common case, an applied
+        settlement that nothing else watches (no ``on_settled`` hook, no span context, no meter
+        provider), is only counted: no ``Settlement`` or ``Settled`` is built for it.
+        """
+        rid = hold[0]
+        self._inflight.pop(rid, None)
+        settle = self._settle_hold
+        if settle is not None:
+            started = time.time_ns()
+            try:
+                outcome = settle(rid, hold[1], hold[3], hold[4], actual)
+            except Exception:
+                logger.exception("budget: settling %s failed; queued", rid)
+            else:
+                if (
+                    outcome == "applied"
+                    and self.on_settled is None
+                    and (context is None or context is INVALID_SPAN_CONTEXT)
+                    and not metrics_recorded()
+                ):
+                    self.applied += 1
+                    outcomes = self.outcomes
+                    outcomes["applied"] = outcomes.get("applied", 0) + 1
+                    return
+                settlement = _settlement_of(hold, actual, reason, context, trace_id)
+                self._record(settlement, Settled(rid, (outcome,)), started)
+                return
+            self._queue(_settlement_of(hold, actual, reason, context, trace_id))
+            return
+        self.submit(_settlement_of(hold, actual, reason, context, trace_id))
+
+    def _queue(self, settlement: Settlement) -> None:
+        """Queue a settlement for the worker (or the journal, over the bound)."""
         if len(self._pending) + self._batch >= self.max_pending:
             self._overflow(settlement)
             return
@@ -521,10 +606,11 @@ class Finalizer:
     # -- the worker's side ---------------------------------------------------------------------
 
     def _seconds_to_next_renewal(self) -> float:
+        cap = self.lease_ms / 3000
         if not self._inflight:
-            return float("inf")
+            return cap
         soonest = min(due for _, due in self._inflight.values())
-        return max(0.0, soonest - time.monotonic())
+        return min(cap, max(0.0, soonest - time.monotonic()))
 
     async def _flush(self) -> bool:
         if not self._pending:
@@ -633,7 +719,7 @@ class Finalizer:
         ):
             # Its reserve span was not recorded: no tracing SDK was installed, so neither would
             # this one be. Skip the no-op span on the hot path.
-            if self._on_settled is not None or outcome == "recovered" or outcome == "stale":
+            if self.on_settled is not None or outcome == "recovered" or outcome == "stale":
                 self._after_record(s, result, outcome)
             return
         links = [Link(s.context)] if isinstance(s.context, SpanContext) else []
@@ -672,9 +758,9 @@ class Finalizer:
                 s.reason,
                 format_micros(s.actual),
             )
-        if self._on_settled is not None:
+        if self.on_settled is not None:
             try:
-                self._on_settled(s, result)
+                self.on_settled(s, result)
             except Exception:
                 logger.exception("budget: on_settled hook failed")
 
@@ -682,7 +768,7 @@ class Finalizer:
         if not self._inflight:
             return
         now = time.monotonic()
-        due = [r for r, at in self._inflight.values() if at <= now]
+        due = [_reservation_of(r) for r, at in self._inflight.values() if at <= now]
         if not due:
             return
         t0 = time.perf_counter()
@@ -711,6 +797,23 @@ class Finalizer:
         for r in due:
             if r.id in self._inflight:
                 self._inflight[r.id] = (r, next_at)
+
+
+def _held_of(hold: Hold) -> HeldBudget:
+    _, budget, amount, window, epoch, limit, remaining, reset_ms, _, _ = hold
+    return HeldBudget(budget, amount, window, epoch, limit, remaining, reset_ms)
+
+
+def _reservation_of(r: Reservation | Hold) -> Reservation:
+    if isinstance(r, Reservation):
+        return r
+    return Reservation(r[0], (_held_of(r),), r[8], r[9])
+
+
+def _settlement_of(hold: Hold, actual: int, reason: str, context: object, trace_id: str) -> Settlement:
+    return Settlement(
+        hold[0], (_held_of(hold),), actual, reason, hold[2], context=context, trace_id=trace_id
+    )
 
 
 # Metric attributes, built once per value: the settlement counter's by reason and outcome (a

@@ -149,9 +149,9 @@ class KeySource:
         """
         kind = self.kind
         if kind == "header":
-            return _header(scope, self.name.encode("latin-1"), self)
+            return header_id(scope, self.name.encode("latin-1"), self)
         if kind == "bearer":
-            auth = _header(scope, b"authorization", self)
+            auth = header_id(scope, b"authorization", self)
             if auth is None:
                 return None
             raw = auth.encode("latin-1", "surrogateescape") if isinstance(auth, str) else auth
@@ -185,8 +185,9 @@ class KeySource:
         return self.name  # const
 
 
-def _header(scope: MutableMapping[str, Any], name: bytes, source: KeySource) -> str | bytes | None:
-    """``_single(_header_values(...))`` in one pass without lists: it runs on every request."""
+def header_id(scope: MutableMapping[str, Any], name: bytes, source: KeySource) -> str | bytes | None:
+    """The id in header ``name`` (lowercase bytes) for ``source``, as ``extract`` finds it:
+    ``_single(_header_values(...))`` in one pass without lists, since it runs on every request."""
     found = b""
     for key, value in scope.get("headers") or ():
         if key == name or key.lower() == name:

@@ -25,10 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .amounts import format_micros
 from .config import BudgetConfig, Rule
 from .costs import EstimateError, Estimator, estimate_micros
-from .finalizer import Finalizer
+from .finalizer import Finalizer, Hold
 from .handle import RequestBudget, charge_micros, get_reservation
 from .journal import Journal
-from .keys import AmbiguousEntity, Budget, EntityHasher
+from .keys import AmbiguousEntity, Budget, EntityHasher, header_id
 from .ledger import (
     HeldBudget,
     HoldRequest,
@@ -44,6 +44,7 @@ from .ledger import (
 from .responses import (
     Headers,
     admitted_headers,
+    hold_headers,
     send_missing_entity,
     send_problem,
     send_rejection,
@@ -55,6 +56,7 @@ from .telemetry import (
     INVALID_SPAN,
     SPAN_RESERVE,
     instruments,
+    metrics_recorded,
     spans_recorded,
     tracer,
 )
@@ -124,6 +126,16 @@ class BudgetMiddleware:
         self._reserve_now: Callable[[str, list[HoldRequest], int], Reservation | Rejection] | None = (
             getattr(self.ledger, "reserve_now", None)
         )
+        # ... and one that also reserves and settles one hold without the request and result
+        # objects (memory) serves one-rule requests on a lean path while no telemetry SDK is
+        # installed: see ``_reserve_lean``.
+        self._reserve_hold: Callable[[str, Budget, int, int, int], Any] | None = (
+            getattr(self.ledger, "reserve_hold", None)
+            if self._reserve_now is not None
+            and self.finalizer.settles_holds
+            and self.finalizer.ledger is self.ledger
+            else None
+        )
         self._estimator = estimate
         self._identify = identify
         config = self.config
@@ -138,6 +150,12 @@ class BudgetMiddleware:
         # credential if that source is.
         self._secret = tuple(r.secret or (r.source is not None and r.source.secret) for r in self._rules)
         self._budgets: tuple[dict[str | bytes | None, Budget], ...] = tuple({} for _ in self._rules)
+        self._header_names = tuple(
+            r.source.name.encode("latin-1")
+            if r.source is not None and r.source.kind == "header"
+            else None
+            for r in self._rules
+        )
         self._fixed_estimate = (
             min(config.estimate, config.max_hold) if config.max_hold is not None else config.estimate
         )
@@ -152,16 +170,6 @@ class BudgetMiddleware:
         self._lease_ms = config.lease_ms
         self._timeout_s = config.timeout_ms / 1000
         self._warned_workers = False
-
-    # -- dispatch -------------------------------------------------------------------------------
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await self._lifespan(scope, receive, send)
-        else:  # websockets and anything else pass through unmetered
-            await self.app(scope, receive, send)
 
     def _excluded(self, scope: Scope) -> bool:
         if not self._exclude:
@@ -231,9 +239,17 @@ class BudgetMiddleware:
                 "Set BUDGET_REDIS_URL to share budgets."
             )
 
-    # -- http -----------------------------------------------------------------------------------
+    # -- http, and the dispatch --------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:  # websockets and anything else pass through unmetered
+                await self.app(scope, receive, send)
+            return
+        # The request's life is written out here rather than in a method awaited from here: one
+        # coroutine less on every request.
         state: dict[str, Any] = scope.setdefault("state", {})
         if not self._rules or (self._exclude and self._excluded(scope)):
             state["budget"] = RequestBudget(metered=False, reason="excluded")
@@ -310,24 +326,48 @@ class BudgetMiddleware:
 
         # 3. Reserve every rule at once.
         rid = new_reservation_id()
-        requests = []
-        for rule, budget in wanted:
-            requests.append(HoldRequest(budget, rule.limit_micros, estimate))
-        result = await self._reserve(rid, requests, estimate)
-        if result is None:  # the ledger did not answer
-            if config.fail_mode == "open":
-                instruments().reservations.add(1, _OUTCOME_ATTRS["bypassed"])
-                state["budget"] = RequestBudget(metered=False, reason="ledger unavailable")
-                await self.app(scope, receive, send)
+        reservation: Reservation | None = None
+        hold: Hold | None = None
+        span_context: object = INVALID_SPAN_CONTEXT
+        if (
+            self._reserve_hold is not None
+            and len(wanted) == 1
+            and not spans_recorded(tracer)
+            and not metrics_recorded()
+        ):
+            lean = self._reserve_lean(rid, wanted[0], estimate)
+            if isinstance(lean, Rejection):
+                rejection: Rejection | None = lean
             else:
-                await send_unavailable(send, "the budget ledger is unavailable", error_format=fmt)
-            return
-        reservation, span_context = result
-        if not isinstance(reservation, Reservation):
+                rejection = None
+                hold, headers = lean
+                if self.finalizer.on_settled is not None:  # it sees the request's trace id
+                    span_context = trace.get_current_span().get_span_context()
+        else:
+            requests = []
+            for rule, budget in wanted:
+                requests.append(HoldRequest(budget, rule.limit_micros, estimate))
+            result = await self._reserve(rid, requests, estimate)
+            if result is None:  # the ledger did not answer
+                if config.fail_mode == "open":
+                    instruments().reservations.add(1, _OUTCOME_ATTRS["bypassed"])
+                    state["budget"] = RequestBudget(metered=False, reason="ledger unavailable")
+                    await self.app(scope, receive, send)
+                else:
+                    await send_unavailable(send, "the budget ledger is unavailable", error_format=fmt)
+                return
+            reserved, span_context = result
+            if isinstance(reserved, Reservation):
+                rejection = None
+                reservation = reserved
+                headers = admitted_headers(reserved.holds, reserved.now_ms)
+            else:
+                rejection = reserved
+        if rejection is not None:
             state["budget"] = RequestBudget(metered=False, reason="rejected")
             await send_rejection(
                 send,
-                reservation.violations,
+                rejection.violations,
                 unit=config.unit,
                 error_format=fmt,
                 hold_retry_after_s=config.hold_retry_after_s,
@@ -335,21 +375,18 @@ class BudgetMiddleware:
             return
 
         # 4. Run the app, watching what it sends and whether the client leaves.
-        self.finalizer.track(reservation)
+        if hold is not None:
+            self.finalizer.track_hold(hold)
+        else:
+            assert reservation is not None
+            self.finalizer.track(reservation)
         names = (
             self._rule_names
             if len(wanted) == len(self._rules)
             else tuple(rule.name for rule, _ in wanted)
         )
-        handle = RequestBudget(metered=True, reservation_id=rid, rules=names, estimate=estimate)
-        state["budget"] = handle
-        watch = _ResponseWatch(
-            receive,
-            send,
-            admitted_headers(reservation.holds, reservation.now_ms),
-            self._charge_header,
-            rid,
-        )
+        watch = _MeteredRequest(receive, send, headers, self._charge_header, rid, names, estimate)
+        state["budget"] = watch
         failure = ""
         try:
             await self.app(scope, watch.receive_watching_disconnect, watch.send_with_budget_headers)
@@ -366,14 +403,48 @@ class BudgetMiddleware:
                 reason = "disconnected"
             else:
                 reason = failure or "error"  # returned without finishing its response
-            self._submit(reservation, handle, watch, reason, span_context)
+            actual = self._actual(watch, reason)
+            trace_id = (
+                ""
+                if span_context is INVALID_SPAN_CONTEXT
+                or not isinstance(span_context, trace.SpanContext)
+                or not span_context.is_valid
+                else format(span_context.trace_id, "032x")
+            )
+            # Synchronous, no await: cannot be cancelled.
+            if hold is not None:
+                self.finalizer.settle_hold(hold, actual, reason, span_context, trace_id)
+            else:
+                assert reservation is not None
+                self.finalizer.submit(
+                    Settlement(
+                        rid,
+                        reservation.holds,
+                        actual,
+                        reason,
+                        estimate,
+                        context=span_context,
+                        trace_id=trace_id,
+                    )
+                )
 
     def _resolve_from_scope(self, scope: Scope) -> list[tuple[Rule, Budget]]:
-        """``_resolve`` for rules whose ids all come from the scope: no awaits, so no coroutine."""
+        """``_resolve`` for rules whose ids all come from the scope: no awaits, so no coroutine.
+        A header id whose budget is cached costs one header scan and one dict lookup."""
         wanted: list[tuple[Rule, Budget]] = []
         for i, rule in enumerate(self._rules):
             assert rule.source is not None
-            self._want(wanted, i, rule, rule.source.extract(scope))
+            header = self._header_names[i]
+            if header is None:
+                raw = rule.source.extract(scope)
+            else:
+                raw = header_id(scope, header, rule.source)
+                if raw and not self._secret[i]:
+                    budget = self._budgets[i].get(raw)
+                    if budget is not None:
+                        wanted.append((rule, budget))
+                        continue
+            self._want(wanted, i, rule, raw)
         return wanted
 
     async def _resolve(self, scope: Scope, request: Request | None) -> list[tuple[Rule, Budget]]:
@@ -508,45 +579,43 @@ class BudgetMiddleware:
         estimate = requests[0].amount if requests else 0
         self.finalizer.submit(Settlement(rid, holds, 0, f"release-{reason}", estimate))
 
-    def _submit(
-        self,
-        reservation: Reservation,
-        handle: RequestBudget,
-        watch: _ResponseWatch,
-        reason: str,
-        span_context: trace.SpanContext,
-    ) -> None:
-        """Decide the actual cost and hand the settlement over. Synchronous: cannot be cancelled."""
-        estimate = handle._estimate
-        if handle._reported or watch.reported:
-            actual = handle._charged + watch.charged
+    def _actual(self, watch: _MeteredRequest, reason: str) -> int:
+        """The actual cost of a request that ended for ``reason``; closes its handle."""
+        estimate = watch._estimate
+        if watch._reported or watch.header_reported:
+            actual = watch._charged + watch.header_charged
         elif watch.status >= 400:
             actual = 0
         else:
             actual = estimate if self._charges_estimate[reason] else 0
-        handle._closed = True
+        watch._closed = True
         if actual > estimate:
             logger.info(
                 "budget: %s overran its estimate (%s > %s); charged in full",
-                reservation.id,
+                watch.reservation_id,
                 format_micros(actual),
                 format_micros(estimate),
             )
-        trace_id = (
-            ""
-            if span_context is INVALID_SPAN_CONTEXT or not span_context.is_valid
-            else format(span_context.trace_id, "032x")
-        )
-        self.finalizer.submit(
-            Settlement(
-                reservation.id,
-                reservation.holds,
-                actual,
-                reason,
-                estimate,
-                context=span_context,
-                trace_id=trace_id,
-            )
+        return actual
+
+    def _reserve_lean(
+        self, rid: str, wanted: tuple[Rule, Budget], estimate: int
+    ) -> tuple[Hold, Headers] | Rejection:
+        """``_reserve`` of one rule on a ledger that reserves one hold synchronously (memory),
+        while no tracer or meter provider is installed: then the reserve span and the metrics
+        would do nothing, and neither the ``HoldRequest`` nor the ``Reservation`` is needed. The
+        hold, and the request's RateLimit headers, or the ``Rejection``."""
+        assert self._reserve_hold is not None
+        rule, budget = wanted
+        lease_ms = self._lease_ms
+        got = self._reserve_hold(rid, budget, rule.limit_micros, estimate, lease_ms)
+        if isinstance(got, Rejection):
+            return got
+        (window, epoch, limit, remaining, reset_ms, _, _, _), now = got
+        headers = hold_headers(budget.rule, limit, budget.period_ms, remaining, reset_ms, now)
+        return (
+            (rid, budget, estimate, window, epoch, limit, remaining, reset_ms, lease_ms, now),
+            headers,
         )
 
     async def _refuse_or_bypass(
@@ -566,40 +635,54 @@ class BudgetMiddleware:
         )
 
 
-class _ResponseWatch:
-    """What one admitted request's response does: its status, the cost it reports in the charge
-    header or trailer, whether its final message went out, and whether the client left.
+class _MeteredRequest(RequestBudget):
+    """The budget handle of one admitted request, and what its response does: its status, the
+    cost it reports in the charge header or trailer, whether its final message went out, and
+    whether the client left.
 
-    One small object with two bound methods, made on every metered request: cheaper than the
-    closures (and their cells) it replaces, and it keeps all per-request state out of the
-    middleware instance.
+    One small object with two bound methods, made on every metered request: cheaper than a handle
+    and closures (with their cells) beside it, and it keeps all per-request state out of the
+    middleware instance. The handle's own fields are set here as ``RequestBudget`` sets them.
     """
 
     __slots__ = (
         "_budget_headers",
         "_charge_header",
         "_receive",
-        "_rid",
         "_send",
-        "charged",
         "disconnected",
         "expect_trailers",
         "final_sent",
-        "reported",
+        "header_charged",
+        "header_reported",
         "status",
     )
 
     def __init__(
-        self, receive: Receive, send: Send, budget_headers: Headers, charge_header: bytes, rid: str
+        self,
+        receive: Receive,
+        send: Send,
+        budget_headers: Headers,
+        charge_header: bytes,
+        rid: str,
+        rules: tuple[str, ...],
+        estimate: int,
     ) -> None:
+        self.metered = True
+        self.reason = ""
+        self.reservation_id = rid
+        self.rules = rules
+        self._estimate = estimate
+        self._charged = 0  # charged through the handle
+        self._reported = False
+        self._closed = False
         self._receive = receive
         self._send = send
         self._budget_headers = budget_headers
         self._charge_header = charge_header
-        self._rid = rid
         self.status = 0
-        self.charged = 0  # reported in the charge header or trailer, in micro-units
-        self.reported = False
+        self.header_charged = 0  # reported in the charge header or trailer, in micro-units
+        self.header_reported = False
         self.final_sent = False
         self.expect_trailers = False
         self.disconnected = False
@@ -616,8 +699,15 @@ class _ResponseWatch:
         if kind == "http.response.start":
             self.status = message["status"]
             self.expect_trailers = bool(message.get("trailers", False))
-            headers = self._without_charge(message.get("headers", ()), "header")
-            headers.extend(self._budget_headers)
+            # _without_charge, written out: this runs on every response.
+            headers: Headers = []
+            charge_header = self._charge_header
+            for name, value in message.get("headers", ()):
+                if name.lower() == charge_header:
+                    self._read_charge(value, f"{charge_header.decode()} header")
+                else:
+                    headers.append((name, value))
+            headers += self._budget_headers
             message = {**message, "headers": headers}
         elif kind == "http.response.body":
             final = not message.get("more_body", False) and not self.expect_trailers
@@ -648,10 +738,10 @@ class _ResponseWatch:
 
     def _read_charge(self, value: bytes, where: str) -> None:
         try:
-            self.charged += charge_micros(value.decode("latin-1"), where)
-            self.reported = True
+            self.header_charged += charge_micros(value.decode("latin-1"), where)
+            self.header_reported = True
         except ValueError as exc:
-            logger.warning("budget: ignoring bad %s on %s: %s", where, self._rid, exc)
+            logger.warning("budget: ignoring bad %s on %s: %s", where, self.reservation_id, exc)
 
 
 # Built once: the attributes of the reservation counter, by outcome.

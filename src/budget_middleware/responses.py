@@ -17,7 +17,13 @@ from starlette.types import Send
 from .amounts import format_micros
 from .ledger import HeldBudget, Violation
 
-__all__ = ["rate_limit_headers", "send_missing_entity", "send_rejection", "send_unavailable"]
+__all__ = [
+    "hold_headers",
+    "rate_limit_headers",
+    "send_missing_entity",
+    "send_rejection",
+    "send_unavailable",
+]
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 REDUCED_CAPACITY = "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity"
@@ -74,18 +80,26 @@ def admitted_headers(holds: Sequence[HeldBudget], now_ms: int) -> Headers:
         )
     (h,) = holds
     budget = h.budget
-    rule = budget.rule
-    key = (rule, h.limit, budget.period_ms)
+    return hold_headers(budget.rule, h.limit, budget.period_ms, h.remaining, h.reset_ms, now_ms)
+
+
+def hold_headers(
+    rule: str, limit: int, period_ms: int, remaining: int, reset_ms: int | None, now_ms: int
+) -> Headers:
+    """``rate_limit_headers`` of one budget: the policy header is one cache lookup and only the
+    two numbers that change are formatted."""
+    key = (rule, limit, period_ms)
     policy = _single_policy_cache.get(key)
     if policy is None:
         if len(_single_policy_cache) >= 1024:
             _single_policy_cache.clear()
         policy = _single_policy_cache[key] = (b"ratelimit-policy", _policy_header((key,)))
-    remaining = h.remaining if h.remaining > 0 else 0
-    if h.reset_ms is None:
+    if remaining < 0:
+        remaining = 0
+    if reset_ms is None:
         state = f'"{rule}";r={remaining}'
     else:
-        wait_ms = h.reset_ms - now_ms
+        wait_ms = reset_ms - now_ms
         state = f'"{rule}";r={remaining};t={-(-wait_ms // 1000) if wait_ms > 0 else 0}'
     return [policy, (b"ratelimit", state.encode())]
 
