@@ -14,9 +14,24 @@
 -- whole rather than grown, and the reply is one flat array (the server looks up special fields in
 -- every table it turns into a reply).
 local hold = ARGV[1]
-local lease, horizon = ARGV[2] + 0, ARGV[3] + 0
 local n = #KEYS
-if n < 1 or #ARGV ~= 3 + 3 * n or lease < 0 or horizon < 0 then
+if n < 1 or #ARGV ~= 3 + 3 * n then
+  return redis.error_reply('ERR budget reserve: bad arguments')
+end
+-- Every argument is checked before the first write (a script that fails keeps the writes it
+-- made). `s + 0` raises on a string that is not a number, and a comparison with NaN is false, so
+-- `x >= 0 and x <= NEVER` also refuses 'nan' and 'inf'.
+local lease, horizon = ARGV[2] + 0, ARGV[3] + 0
+local bad = not (lease >= 0 and lease <= NEVER and horizon >= 0 and horizon <= NEVER)
+for i = 1, n do
+  local a = 3 + 3 * (i - 1)
+  local period, default, amount = ARGV[a + 1] + 0, ARGV[a + 2] + 0, ARGV[a + 3] + 0
+  if not (period >= 0 and period <= NEVER and period % 1 == 0 and default >= -NEVER
+      and default <= NEVER and amount >= 0 and amount <= NEVER and amount % 1 == 0) then
+    bad = true
+  end
+end
+if bad then
   return redis.error_reply('ERR budget reserve: bad arguments')
 end
 
@@ -28,9 +43,6 @@ for i = 1, n do
   local key = KEYS[i]
   local a = 3 + 3 * (i - 1)
   local period, default, amount = ARGV[a + 1] + 0, ARGV[a + 2] + 0, ARGV[a + 3] + 0
-  if amount < 0 or amount % 1 ~= 0 or period < 0 then
-    return redis.error_reply('ERR budget reserve: bad arguments')
-  end
   local window = 0
   if period > 0 then
     window = now - now % period
@@ -125,9 +137,9 @@ for i = 1, n do
   end
   local epoch = v[2]
   if not epoch then
-    -- A new budget state: its epoch is the id of the reservation that made it, random and never
-    -- reused by another.
-    epoch = string.sub(hold, 3)
+    -- A new budget state: its epoch is the id of the reservation that made it and the time. The
+    -- id alone could come again: a reserve retried after Redis lost the state makes it anew.
+    epoch = string.sub(hold, 3) .. ':' .. int(now)
     writes[#writes + 1] = 'epoch'
     writes[#writes + 1] = epoch
   end

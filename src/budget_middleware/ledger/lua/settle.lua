@@ -9,17 +9,29 @@
 -- The common path (the hold is there) is HDEL and two HINCRBYs of strings the caller formatted,
 -- with one number read: see reserve.lua for why.
 local hold = ARGV[1]
-local actual = ARGV[2] + 0
 local n = #KEYS
-if actual < 0 or actual % 1 ~= 0 or n < 1 or #ARGV ~= 3 + 4 * n then
+if n < 1 or #ARGV ~= 3 + 4 * n then
   return redis.error_reply('ERR budget settle: bad arguments')
 end
+-- Every argument is checked before the first write (a script that fails keeps the writes it
+-- made). The actual cost and the released amounts go to HINCRBY as they are, so they must be
+-- integers as Redis writes them ('5.0', ' 5' and '0x5' are numbers to Lua, not to HINCRBY);
+-- the horizon and periods need only be numbers (`s + 0` raises on anything else).
+local actual = ARGV[2]
+local horizon = ARGV[3] + 0
+local bad = not (actual == '0' or string.find(actual, '^[1-9]%d*$')) or not (horizon >= 0 and horizon <= NEVER)
+actual = actual + 0
 for i = 1, n do
   local a = 3 + 4 * (i - 1)
-  local release = ARGV[a + 1] + 0
-  if release > 0 or release % 1 ~= 0 or (ARGV[a + 2] == '' and actual ~= 0) then
-    return redis.error_reply('ERR budget settle: bad arguments')
+  local release, spent_field, period = ARGV[a + 1], ARGV[a + 2], ARGV[a + 4] + 0
+  if not (release == '0' or string.find(release, '^%-[1-9]%d*$'))
+      or not (spent_field == '' and actual == 0 or string.find(spent_field, '^s:%d+$'))
+      or not (period >= 0 and period <= NEVER) then
+    bad = true
   end
+end
+if bad then
+  return redis.error_reply('ERR budget settle: bad arguments')
 end
 
 local out = n > 1 and {} or nil
@@ -38,7 +50,6 @@ for i = 1, n do
   elseif spent_field == '' then
     outcome = 'duplicate'
   else
-    local horizon = ARGV[3] + 0
     local now = now_ms()
     -- An id of ours (32 characters) starts with its creation time in ms, in 12 lower-case hex
     -- digits; any other id counts as old (as id_time_ms says in Python).
