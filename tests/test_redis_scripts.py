@@ -268,6 +268,30 @@ class TestRegressions:
             await ledger._eval("settle", [key(ledger, a), key(ledger, lost)], args)
         assert "h:" + r.id in await fields(ledger, a), "a failed settle settled the first budget"
 
+    async def test_a_retried_reserve_that_finds_only_some_of_its_holds_counts_none_twice(
+        self, make_ledger: Any
+    ) -> None:
+        """A reserve retried after one budget lost its state (say a Cluster node restarted empty)
+        finds its hold on the other budget only. It is a replay there: were it admitted again, the
+        hold found would be written anew and its amount added to ``held`` a second time, which no
+        settle takes back.
+        """
+        ledger = await make_ledger()
+        a, b = budget("r:a"), budget("r:t1", rule="team")
+        rid = new_reservation_id()
+        holds = [HoldRequest(a, LIMIT, 300), HoldRequest(b, LIMIT, 500)]
+        assert isinstance(await ledger.reserve(rid, holds, LONG_LEASE_MS), Reservation)
+        await ledger.client().delete(key(ledger, a))  # a's state is lost
+        again = await ledger.reserve(rid, holds, LONG_LEASE_MS)
+        assert isinstance(again, Reservation)
+        assert again.replayed
+        state = await fields(ledger, b)
+        hold_amounts = [int(v.split(":")[1]) for k, v in state.items() if k.startswith("h:")]
+        assert int(state["held"]) == sum(hold_amounts) == 500
+        settled = await ledger.settle(Settlement(rid, again.holds, 700, "completed"))
+        assert settled.outcomes[1] == "applied"
+        assert int((await fields(ledger, b))["held"]) == 0
+
     @pytest.mark.parametrize(
         ("lease", "horizon"),
         [

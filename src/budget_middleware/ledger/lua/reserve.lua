@@ -84,8 +84,14 @@ for i = 1, n do
   rows[i] = {window, v, limit, spent, held, ok, pa, pm, writes, moved, period, amount}
 end
 
--- A retried reserve whose first attempt was admitted finds its own hold (and counts it as held).
-local replay = rows[1][2][7] ~= false
+-- A retried reserve whose first attempt was admitted finds its own holds (and counts them as
+-- held): on any budget, as another may have lost its state since, and a hold must not be taken twice.
+local replay = false
+for i = 1, n do
+  if rows[i][2][7] then
+    replay = true
+  end
+end
 if rejected or replay then
   -- Nothing is added; only what a purge step changed is written, to budgets that exist.
   local out = {replay and 2 or 0, now, #ids}
