@@ -239,14 +239,18 @@ async def test_a_meter_provider_means_the_general_path(monkeypatch: pytest.Monke
 def test_metrics_are_recorded_once_a_meter_provider_is_installed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    proxy = trace.ProxyTracer("t")
     assert not telemetry.metrics_recorded()
+    assert telemetry.telemetry_off(proxy)
     monkeypatch.setattr(metrics_state, "_METER_PROVIDER", MeterProvider())  # what set_... does
     assert telemetry.metrics_recorded()
+    assert not telemetry.telemetry_off(proxy)
 
 
 def test_a_missing_private_name_means_metrics_are_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(metrics_state, "_METER_PROVIDER")
     assert telemetry.metrics_recorded()
+    assert not telemetry.telemetry_off(trace.ProxyTracer("t"))
 
 
 async def test_a_lean_hold_still_has_its_lease_renewed() -> None:
@@ -302,7 +306,7 @@ def test_reserve_hold_and_settle_hold_are_one_holds_reserve_and_settle() -> None
     rid = new_reservation_id()
     got = ledger.reserve_hold(rid, budget, 10, 4, 60_000)
     assert not isinstance(got, Rejection)
-    (window, epoch, limit, remaining, reset_ms, purged, expired, replay), now = got
+    window, epoch, limit, remaining, reset_ms, purged, expired, replay, now = got
     assert (limit, remaining, purged, expired, replay, now) == (10, 6, 0, (), False, NOW_MS)
     assert (window, reset_ms) == (budget.window_of(NOW_MS), budget.window_of(NOW_MS) + 86_400_000)
     rejected = ledger.reserve_hold(new_reservation_id(), budget, 10, 7, 60_000)

@@ -115,7 +115,7 @@ class Finalizer:
         self._stopping = False
         self._stopped = False
         self._drained_loop: asyncio.AbstractEventLoop | None = None
-        self._running = False
+        self.running = False  # the worker runs (read on every request: an attribute)
         self._task: asyncio.Task[None] | None = None
         self._task_loop: asyncio.AbstractEventLoop | None = None
         self._scope: anyio.CancelScope | None = None
@@ -189,7 +189,6 @@ class Finalizer:
         self._inflight.pop(rid, None)
         settle = self._settle_hold
         if settle is not None:
-            started = time.time_ns()
             try:
                 outcome = settle(rid, hold[1], hold[3], hold[4], actual)
             except Exception:
@@ -206,7 +205,7 @@ class Finalizer:
                     outcomes["applied"] = outcomes.get("applied", 0) + 1
                     return
                 settlement = _settlement_of(hold, actual, reason, context, trace_id)
-                self._record(settlement, Settled(rid, (outcome,)), started)
+                self._record(settlement, Settled(rid, (outcome,)), time.time_ns())
                 return
             self._queue(_settlement_of(hold, actual, reason, context, trace_id))
             return
@@ -255,15 +254,11 @@ class Finalizer:
     def in_flight(self) -> int:
         return len(self._inflight)
 
-    @property
-    def running(self) -> bool:
-        return self._running
-
     # -- lifecycle ------------------------------------------------------------------------------
 
     def ensure_running(self) -> None:
         """Start the worker on this asyncio loop if no lifespan started it (strong reference)."""
-        if self._running and not self._stopping:
+        if self.running and not self._stopping:
             return
         loop = asyncio.get_running_loop()
         if self._task is not None and not self._task.done() and self._task_loop is loop:
@@ -282,7 +277,7 @@ class Finalizer:
 
         With a journal, it first takes over the journals of processes that ended."""
         self._wakeup = anyio.Event()
-        self._running = True
+        self.running = True
         self._stopping = False
         self._stopped = False
         try:
@@ -297,7 +292,7 @@ class Finalizer:
                     tg.cancel_scope.cancel()
         finally:
             self._scope = None
-            self._running = False
+            self.running = False
             self._notify()
 
     async def _supervise(self) -> None:
@@ -373,7 +368,7 @@ class Finalizer:
             changed.set()
 
     def _worker_alive(self) -> bool:
-        return self._running or (self._task is not None and not self._task.done())
+        return self.running or (self._task is not None and not self._task.done())
 
     async def wait_idle(self, timeout_s: float, *, requests: bool = False) -> bool:
         """Wait until nothing is pending (and, with ``requests``, no admitted request is still
@@ -408,7 +403,7 @@ class Finalizer:
         if self._scope is not None:
             self._scope.cancel()
         with anyio.move_on_after(2):
-            while self._running:
+            while self.running:
                 if self._changed is None:
                     self._changed = anyio.Event()
                 await self._changed.wait()

@@ -28,7 +28,7 @@ from .costs import EstimateError, Estimator, estimate_micros
 from .finalizer import Finalizer, Hold
 from .handle import RequestBudget, charge_micros, get_reservation
 from .journal import Journal
-from .keys import AmbiguousEntity, Budget, EntityHasher, header_id
+from .keys import AmbiguousEntity, Budget, EntityHasher, KeySource, header_id
 from .ledger import (
     HeldBudget,
     HoldRequest,
@@ -56,8 +56,8 @@ from .telemetry import (
     INVALID_SPAN,
     SPAN_RESERVE,
     instruments,
-    metrics_recorded,
     spans_recorded,
+    telemetry_off,
     tracer,
 )
 
@@ -128,7 +128,7 @@ class BudgetMiddleware:
         )
         # ... and one that also reserves and settles one hold without the request and result
         # objects (memory) serves one-rule requests on a lean path while no telemetry SDK is
-        # installed: see ``_reserve_lean``.
+        # installed: see ``__call__``.
         self._reserve_hold: Callable[[str, Budget, int, int, int], Any] | None = (
             getattr(self.ledger, "reserve_hold", None)
             if self._reserve_now is not None
@@ -156,6 +156,11 @@ class BudgetMiddleware:
             else None
             for r in self._rules
         )
+        self._one_header: tuple[Rule, bytes, KeySource] | None = None
+        if len(self._rules) == 1 and not self._secret[0]:
+            first, header = self._rules[0], self._header_names[0]
+            if header is not None and first.source is not None:
+                self._one_header = (first, header, first.source)
         self._fixed_estimate = (
             min(config.estimate, config.max_hold) if config.max_hold is not None else config.estimate
         )
@@ -260,8 +265,8 @@ class BudgetMiddleware:
         config = self.config
         fmt = config.error_format
         request = None
-        body_read: list[Message] = []
         if self._needs_request:
+            body_read: list[Message] = []
             request = _recording_request(scope, receive, body_read)
 
         # 1. Who is charged, under which rule.
@@ -321,7 +326,7 @@ class BudgetMiddleware:
                 )
                 return
 
-        if body_read:
+        if request is not None and body_read:
             receive = _replaying(body_read, receive)
 
         # 3. Reserve every rule at once.
@@ -329,18 +334,19 @@ class BudgetMiddleware:
         reservation: Reservation | None = None
         hold: Hold | None = None
         span_context: object = INVALID_SPAN_CONTEXT
-        if (
-            self._reserve_hold is not None
-            and len(wanted) == 1
-            and not spans_recorded(tracer)
-            and not metrics_recorded()
-        ):
-            lean = self._reserve_lean(rid, wanted[0], estimate)
-            if isinstance(lean, Rejection):
-                rejection: Rejection | None = lean
+        if self._reserve_hold is not None and len(wanted) == 1 and telemetry_off(tracer):
+            # The lean path: then the reserve span and the metrics would do nothing, and neither
+            # the HoldRequest nor the Reservation is needed (see MemoryLedger.reserve_hold).
+            rule, budget = wanted[0]
+            lease_ms = self._lease_ms
+            got = self._reserve_hold(rid, budget, rule.limit_micros, estimate, lease_ms)
+            if isinstance(got, Rejection):
+                rejection: Rejection | None = got
             else:
                 rejection = None
-                hold, headers = lean
+                window, epoch, limit, remaining, reset_ms, _, _, _, now = got
+                hold = (rid, budget, estimate, window, epoch, limit, remaining, reset_ms, lease_ms, now)
+                headers = hold_headers(budget.rule, limit, budget.period_ms, remaining, reset_ms, now)
                 if self.finalizer.on_settled is not None:  # it sees the request's trace id
                     span_context = trace.get_current_span().get_span_context()
         else:
@@ -403,7 +409,21 @@ class BudgetMiddleware:
                 reason = "disconnected"
             else:
                 reason = failure or "error"  # returned without finishing its response
-            actual = self._actual(watch, reason)
+            # The actual cost; the handle takes no charge from now on.
+            if watch._reported or watch.header_reported:
+                actual = watch._charged + watch.header_charged
+            elif watch.status >= 400:
+                actual = 0
+            else:
+                actual = estimate if self._charges_estimate[reason] else 0
+            watch._closed = True
+            if actual > estimate:
+                logger.info(
+                    "budget: %s overran its estimate (%s > %s); charged in full",
+                    rid,
+                    format_micros(actual),
+                    format_micros(estimate),
+                )
             trace_id = (
                 ""
                 if span_context is INVALID_SPAN_CONTEXT
@@ -431,6 +451,14 @@ class BudgetMiddleware:
     def _resolve_from_scope(self, scope: Scope) -> list[tuple[Rule, Budget]]:
         """``_resolve`` for rules whose ids all come from the scope: no awaits, so no coroutine.
         A header id whose budget is cached costs one header scan and one dict lookup."""
+        one = self._one_header
+        if one is not None:  # one rule, a header that is not a credential: the common case
+            rule, name, source = one
+            raw = header_id(scope, name, source)
+            if raw:
+                budget = self._budgets[0].get(raw)
+                if budget is not None:
+                    return [(rule, budget)]
         wanted: list[tuple[Rule, Budget]] = []
         for i, rule in enumerate(self._rules):
             assert rule.source is not None
@@ -578,45 +606,6 @@ class BudgetMiddleware:
         holds = tuple(HeldBudget(r.budget, r.amount, -1, "", r.limit, 0, None) for r in requests)
         estimate = requests[0].amount if requests else 0
         self.finalizer.submit(Settlement(rid, holds, 0, f"release-{reason}", estimate))
-
-    def _actual(self, watch: _MeteredRequest, reason: str) -> int:
-        """The actual cost of a request that ended for ``reason``; closes its handle."""
-        estimate = watch._estimate
-        if watch._reported or watch.header_reported:
-            actual = watch._charged + watch.header_charged
-        elif watch.status >= 400:
-            actual = 0
-        else:
-            actual = estimate if self._charges_estimate[reason] else 0
-        watch._closed = True
-        if actual > estimate:
-            logger.info(
-                "budget: %s overran its estimate (%s > %s); charged in full",
-                watch.reservation_id,
-                format_micros(actual),
-                format_micros(estimate),
-            )
-        return actual
-
-    def _reserve_lean(
-        self, rid: str, wanted: tuple[Rule, Budget], estimate: int
-    ) -> tuple[Hold, Headers] | Rejection:
-        """``_reserve`` of one rule on a ledger that reserves one hold synchronously (memory),
-        while no tracer or meter provider is installed: then the reserve span and the metrics
-        would do nothing, and neither the ``HoldRequest`` nor the ``Reservation`` is needed. The
-        hold, and the request's RateLimit headers, or the ``Rejection``."""
-        assert self._reserve_hold is not None
-        rule, budget = wanted
-        lease_ms = self._lease_ms
-        got = self._reserve_hold(rid, budget, rule.limit_micros, estimate, lease_ms)
-        if isinstance(got, Rejection):
-            return got
-        (window, epoch, limit, remaining, reset_ms, _, _, _), now = got
-        headers = hold_headers(budget.rule, limit, budget.period_ms, remaining, reset_ms, now)
-        return (
-            (rid, budget, estimate, window, epoch, limit, remaining, reset_ms, lease_ms, now),
-            headers,
-        )
 
     async def _refuse_or_bypass(
         self, scope: Scope, receive: Receive, send: Send, state: dict[str, Any], why: str

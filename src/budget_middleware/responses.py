@@ -86,25 +86,28 @@ def admitted_headers(holds: Sequence[HeldBudget], now_ms: int) -> Headers:
 def hold_headers(
     rule: str, limit: int, period_ms: int, remaining: int, reset_ms: int | None, now_ms: int
 ) -> Headers:
-    """``rate_limit_headers`` of one budget: the policy header is one cache lookup and only the
-    two numbers that change are formatted."""
+    """``rate_limit_headers`` of one budget: the policy header and the start of the other are one
+    cache lookup, and only the two numbers that change are formatted."""
     key = (rule, limit, period_ms)
-    policy = _single_policy_cache.get(key)
-    if policy is None:
+    cached = _single_policy_cache.get(key)
+    if cached is None:
         if len(_single_policy_cache) >= 1024:
             _single_policy_cache.clear()
-        policy = _single_policy_cache[key] = (b"ratelimit-policy", _policy_header((key,)))
+        cached = _single_policy_cache[key] = (
+            (b"ratelimit-policy", _policy_header((key,))),
+            f'"{rule}";r='.encode(),
+        )
+    policy, start = cached
     if remaining < 0:
         remaining = 0
     if reset_ms is None:
-        state = f'"{rule}";r={remaining}'
-    else:
-        wait_ms = reset_ms - now_ms
-        state = f'"{rule}";r={remaining};t={-(-wait_ms // 1000) if wait_ms > 0 else 0}'
-    return [policy, (b"ratelimit", state.encode())]
+        return [policy, (b"ratelimit", b"%b%d" % (start, remaining))]
+    wait_ms = reset_ms - now_ms
+    wait_s = -(-wait_ms // 1000) if wait_ms > 0 else 0
+    return [policy, (b"ratelimit", b"%b%d;t=%d" % (start, remaining, wait_s))]
 
 
-_single_policy_cache: dict[tuple[str, int, int], tuple[bytes, bytes]] = {}
+_single_policy_cache: dict[tuple[str, int, int], tuple[tuple[bytes, bytes], bytes]] = {}
 
 
 def retry_after(violations: Sequence[Violation], hold_retry_after_s: int) -> int | None:

@@ -25,6 +25,7 @@ __all__ = [
     "instruments",
     "metrics_recorded",
     "spans_recorded",
+    "telemetry_off",
     "tracer",
 ]
 
@@ -140,3 +141,11 @@ def metrics_recorded() -> bool:
     if inst is None or not inst.proxied:
         return True
     return getattr(_metrics_state, "_METER_PROVIDER", True) is not None
+
+
+def telemetry_off(t: trace.Tracer) -> bool:
+    """``not spans_recorded(t) and not metrics_recorded()``, in one call: asked on every request."""
+    if type(t) is not trace.ProxyTracer or getattr(trace, "_TRACER_PROVIDER", True) is not None:
+        return False
+    inst = _instruments
+    return inst is not None and inst.proxied and getattr(_metrics_state, "_METER_PROVIDER", True) is None

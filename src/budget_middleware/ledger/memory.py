@@ -40,8 +40,8 @@ _HEAP_SLACK = 64
 
 # One hold taken by ``MemoryLedger.reserve_hold``: its window, epoch, limit (after any override),
 # remaining, reset time (None for a lifetime budget), the expired holds purged first (count, ids),
-# and whether the reservation id was already held (a replay).
-HoldFacts = tuple[int, str, int, int, int | None, int, tuple[str, ...], bool]
+# whether the reservation id was already held (a replay), and the ledger's time.
+HoldFacts = tuple[int, str, int, int, int | None, int, tuple[str, ...], bool, int]
 
 
 _time_ns = time.time_ns
@@ -163,7 +163,7 @@ class MemoryLedger:
             got = self.reserve_hold(reservation_id, h.budget, h.limit, h.amount, lease_ms)
             if isinstance(got, Rejection):
                 return got
-            (window, epoch, limit, remaining, reset_ms, purged, expired, replay), now = got
+            window, epoch, limit, remaining, reset_ms, purged, expired, replay, now = got
             one = HeldBudget(h.budget, h.amount, window, epoch, limit, remaining, reset_ms)
             return Reservation(reservation_id, (one,), lease_ms, now, purged, expired, replay)
         if not holds:
@@ -229,10 +229,10 @@ class MemoryLedger:
 
     def reserve_hold(
         self, reservation_id: str, budget: Budget, limit: int, amount: int, lease_ms: int
-    ) -> tuple[HoldFacts, int] | Rejection:
+    ) -> HoldFacts | Rejection:
         """Reserve one hold synchronously, without the request and result objects: what a
         middleware with one rule needs on every request, and ``reserve_now`` of one hold. Returns
-        the hold's facts (``HoldFacts``) and the ledger's time, or the ``Rejection``."""
+        the hold's facts (``HoldFacts``), or the ``Rejection``."""
         if not 0 < lease_ms <= self.horizon_ms:
             check_lease(lease_ms, self.horizon_ms)
         clock = self._clock
@@ -270,7 +270,7 @@ class MemoryLedger:
             heapq.heappush(heap, (expiry, reservation_id))
             st.held += amount
         remaining = limit - spent - st.held
-        return (window, st.epoch, limit, remaining, reset_ms, purged, expired_ids, replay), now
+        return window, st.epoch, limit, remaining, reset_ms, purged, expired_ids, replay, now
 
     def _settle_one(self, s: Settlement, now: int | None = None) -> Settled:
         actual = s.actual
