@@ -362,6 +362,13 @@ class MemoryLedger:
         return self._settle_one(settlement)
 
     async def settle(self, settlement: Settlement) -> Settled:
+        holds = settlement.holds
+        if len(holds) == 1:  # _settle_one of one hold, one call shorter
+            hb = holds[0]
+            rid = settlement.reservation_id
+            return Settled(
+                rid, (self.settle_hold(rid, hb.budget, hb.window, hb.epoch, settlement.actual),)
+            )
         return self._settle_one(settlement)
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> list[Settled]:
