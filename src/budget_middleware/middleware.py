@@ -255,7 +255,9 @@ class BudgetMiddleware:
             return
         # The request's life is written out here rather than in a method awaited from here: one
         # coroutine less on every request.
-        state: dict[str, Any] = scope.setdefault("state", {})
+        state: dict[str, Any] | None = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
         if not self._rules or (self._exclude and self._excluded(scope)):
             state["budget"] = RequestBudget(metered=False, reason="excluded")
             await self.app(scope, receive, send)
@@ -263,7 +265,6 @@ class BudgetMiddleware:
         if not self.finalizer.running:
             self.finalizer.ensure_running()
         config = self.config
-        fmt = config.error_format
         request = None
         if self._needs_request:
             body_read: list[Message] = []
@@ -281,13 +282,13 @@ class BudgetMiddleware:
                 400,
                 "Ambiguous budget identity",
                 str(exc),
-                error_format=fmt,
+                error_format=config.error_format,
                 code="budget_identity_ambiguous",
             )
             return
         except _Missing as missing:
             await send_missing_entity(
-                send, missing.rule.name, missing.rule.describe_source(), error_format=fmt
+                send, missing.rule.name, missing.rule.describe_source(), error_format=config.error_format
             )
             return
         except Exception as exc:
@@ -321,7 +322,7 @@ class BudgetMiddleware:
                     500,
                     "Budget estimate failed",
                     "the request's cost could not be estimated",
-                    error_format=fmt,
+                    error_format=config.error_format,
                     code="budget_estimate_failed",
                 )
                 return
@@ -360,7 +361,9 @@ class BudgetMiddleware:
                     state["budget"] = RequestBudget(metered=False, reason="ledger unavailable")
                     await self.app(scope, receive, send)
                 else:
-                    await send_unavailable(send, "the budget ledger is unavailable", error_format=fmt)
+                    await send_unavailable(
+                        send, "the budget ledger is unavailable", error_format=config.error_format
+                    )
                 return
             reserved, span_context = result
             if isinstance(reserved, Reservation):
@@ -375,7 +378,7 @@ class BudgetMiddleware:
                 send,
                 rejection.violations,
                 unit=config.unit,
-                error_format=fmt,
+                error_format=config.error_format,
                 hold_retry_after_s=config.hold_retry_after_s,
             )
             return
@@ -688,16 +691,20 @@ class _MeteredRequest(RequestBudget):
         if kind == "http.response.start":
             self.status = message["status"]
             self.expect_trailers = bool(message.get("trailers", False))
-            # _without_charge, written out: this runs on every response.
-            headers: Headers = []
-            charge_header = self._charge_header
-            for name, value in message.get("headers", ()):
-                if name.lower() == charge_header:
-                    self._read_charge(value, f"{charge_header.decode()} header")
-                else:
-                    headers.append((name, value))
-            headers += self._budget_headers
-            message = {**message, "headers": headers}
+            raw = message.get("headers", ())
+            # Every response passes here: the headers are copied as they are unless one could be
+            # the charge header (only a name of its length can be) or is not a tuple, which
+            # _without_charge turns into one.
+            size = len(self._charge_header)
+            for header in raw:
+                if type(header) is not tuple or len(header[0]) == size:
+                    headers = self._without_charge(raw, "header")
+                    headers += self._budget_headers
+                    break
+            else:
+                headers = [*raw, *self._budget_headers]
+            message = dict(message)  # a copy: the app's own message is left as it was
+            message["headers"] = headers
         elif kind == "http.response.body":
             final = not message.get("more_body", False) and not self.expect_trailers
         elif kind == "http.response.trailers":
