@@ -189,8 +189,10 @@ def header_id(scope: MutableMapping[str, Any], name: bytes, source: KeySource) -
     """The id in header ``name`` (lowercase bytes) for ``source``, as ``extract`` finds it:
     ``_single(_header_values(...))`` in one pass without lists, since it runs on every request."""
     found = b""
+    size = len(name)
     for key, value in scope.get("headers") or ():
-        if key == name or key.lower() == name:
+        # Only a name of the same length can match: most headers are passed over without lower().
+        if len(key) == size and (key == name or key.lower() == name):
             value = value.strip()
             if not value or value == found:
                 continue
