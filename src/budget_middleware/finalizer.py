@@ -163,6 +163,8 @@ class Finalizer:
     def submit(self, settlement: Settlement) -> None:
         """Hand a settlement over. Synchronous: nothing here can be cancelled."""
         self._inflight.pop(settlement.reservation_id, None)
+        if self._changed is not None:  # someone waits, maybe for the running requests to end
+            self._notify()
         if self._settle_now is not None:
             started = time.time_ns()
             try:
@@ -187,6 +189,8 @@ class Finalizer:
         """
         rid = hold[0]
         self._inflight.pop(rid, None)
+        if self._changed is not None:  # someone waits, maybe for the running requests to end
+            self._notify()
         settle = self._settle_hold
         if settle is not None:
             try:
@@ -375,7 +379,9 @@ class Finalizer:
         running): True, or False when ``timeout_s`` passes first."""
         with anyio.move_on_after(timeout_s):
             while self._unsettled() or (requests and self._inflight):
-                if self._wakeup is not None:
+                # Pending work needs a worker pass; running requests only need the notification
+                # that comes when one of them hands its settlement over.
+                if self._wakeup is not None and self._unsettled():
                     self._wakeup.set()
                 if self._changed is None:
                     self._changed = anyio.Event()

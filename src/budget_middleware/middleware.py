@@ -420,6 +420,11 @@ class BudgetMiddleware:
             else:
                 actual = estimate if self._charges_estimate[reason] else 0
             watch._closed = True
+            # The handle stays in the scope's state: it lets go of the server's callables, or
+            # scope -> state -> handle -> send -> connection -> scope would be a reference cycle
+            # that keeps every finished connection alive until the cyclic collector runs.
+            watch._receive = _receive_after_end
+            watch._send = _send_after_end
             if actual > estimate:
                 logger.info(
                     "budget: %s overran its estimate (%s > %s); charged in full",
@@ -738,6 +743,14 @@ class _MeteredRequest(RequestBudget):
             self.header_reported = True
         except ValueError as exc:
             logger.warning("budget: ignoring bad %s on %s: %s", where, self.reservation_id, exc)
+
+
+async def _receive_after_end() -> Message:
+    raise RuntimeError("receive called after the request's app returned")
+
+
+async def _send_after_end(message: Message) -> None:
+    raise RuntimeError("send called after the request's app returned")
 
 
 # Built once: the attributes of the reservation counter, by outcome.
