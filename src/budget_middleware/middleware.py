@@ -44,7 +44,7 @@ from .ledger import (
 from .responses import (
     Headers,
     admitted_headers,
-    hold_headers,
+    hold_head,
     send_missing_entity,
     send_problem,
     send_rejection,
@@ -150,6 +150,8 @@ class BudgetMiddleware:
         # credential if that source is.
         self._secret = tuple(r.secret or (r.source is not None and r.source.secret) for r in self._rules)
         self._budgets: tuple[dict[str | bytes | None, Budget], ...] = tuple({} for _ in self._rules)
+        # The RateLimit parts of the lean path, per rule name: (limit, policy header, start).
+        self._hold_heads: dict[str, tuple[int, tuple[bytes, bytes], bytes]] = {}
         self._header_names = tuple(
             r.source.name.encode("latin-1")
             if r.source is not None and r.source.kind == "header"
@@ -347,7 +349,21 @@ class BudgetMiddleware:
                 rejection = None
                 window, epoch, limit, remaining, reset_ms, _, _, _, now = got
                 hold = (rid, budget, estimate, window, epoch, limit, remaining, reset_ms, lease_ms, now)
-                headers = hold_headers(budget.rule, limit, budget.period_ms, remaining, reset_ms, now)
+                # hold_headers, written out: the parts that depend on the rule and its limit are
+                # kept per rule name, and only the two numbers that change are formatted.
+                head = self._hold_heads.get(budget.rule)
+                if head is None or head[0] != limit:
+                    head = (limit, *hold_head(budget.rule, limit, budget.period_ms))
+                    self._hold_heads[budget.rule] = head
+                _, policy, start = head
+                if remaining < 0:
+                    remaining = 0
+                if reset_ms is None:
+                    headers = [policy, (b"ratelimit", b"%b%d" % (start, remaining))]
+                else:
+                    wait_ms = reset_ms - now
+                    wait_s = -(-wait_ms // 1000) if wait_ms > 0 else 0
+                    headers = [policy, (b"ratelimit", b"%b%d;t=%d" % (start, remaining, wait_s))]
                 if self.finalizer.on_settled is not None:  # it sees the request's trace id
                     span_context = trace.get_current_span().get_span_context()
         else:

@@ -87,7 +87,20 @@ def hold_headers(
     rule: str, limit: int, period_ms: int, remaining: int, reset_ms: int | None, now_ms: int
 ) -> Headers:
     """``rate_limit_headers`` of one budget: the policy header and the start of the other are one
-    cache lookup, and only the two numbers that change are formatted."""
+    cache lookup (``hold_head``), and only the two numbers that change are formatted."""
+    policy, start = hold_head(rule, limit, period_ms)
+    if remaining < 0:
+        remaining = 0
+    if reset_ms is None:
+        return [policy, (b"ratelimit", b"%b%d" % (start, remaining))]
+    wait_ms = reset_ms - now_ms
+    wait_s = -(-wait_ms // 1000) if wait_ms > 0 else 0
+    return [policy, (b"ratelimit", b"%b%d;t=%d" % (start, remaining, wait_s))]
+
+
+def hold_head(rule: str, limit: int, period_ms: int) -> tuple[tuple[bytes, bytes], bytes]:
+    """What one budget's headers take from its rule and limit alone: the ``RateLimit-Policy``
+    header, and the start of the ``RateLimit`` value (``"<rule>";r=``). Built once each."""
     key = (rule, limit, period_ms)
     cached = _single_policy_cache.get(key)
     if cached is None:
@@ -97,14 +110,7 @@ def hold_headers(
             (b"ratelimit-policy", _policy_header((key,))),
             f'"{rule}";r='.encode(),
         )
-    policy, start = cached
-    if remaining < 0:
-        remaining = 0
-    if reset_ms is None:
-        return [policy, (b"ratelimit", b"%b%d" % (start, remaining))]
-    wait_ms = reset_ms - now_ms
-    wait_s = -(-wait_ms // 1000) if wait_ms > 0 else 0
-    return [policy, (b"ratelimit", b"%b%d;t=%d" % (start, remaining, wait_s))]
+    return cached
 
 
 _single_policy_cache: dict[tuple[str, int, int], tuple[tuple[bytes, bytes], bytes]] = {}

@@ -339,11 +339,12 @@ class MemoryLedger:
                 del st.done[done_id]
         if actual and window >= 0:
             spent = st.spent
-            if window in spent:
-                spent[window] += actual
-            else:
+            before = spent.get(window)
+            if before is None:
                 spent[window] = actual
                 self._tidy_windows(st, b, window, now)
+            else:
+                spent[window] = before + actual
         return outcome
 
     def _old(self, reservation_id: str, now: int) -> bool:
