@@ -74,6 +74,13 @@ class CountingLedger(MemoryLedger):
         self.general_settles += 1
         return super().settle_now(settlement)
 
+    # Overridden here too, so the lean path still serves this ledger (see fast_path).
+    def reserve_hold(self, *args: Any) -> Any:
+        return super().reserve_hold(*args)
+
+    def settle_hold(self, *args: Any) -> Any:
+        return super().settle_hold(*args)
+
 
 async def charging(scope: Scope, receive: Receive, send: Send) -> None:
     from starlette.requests import Request
@@ -119,6 +126,24 @@ async def abandoned(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 APPS = [charging, overrunning, header_charge, uncharged, failing_status, raising, abandoned]
+
+
+def test_a_subclass_that_overrides_only_the_general_calls_is_not_bypassed() -> None:
+    """A memory ledger subclassed to count, log or change ``reserve_now``/``settle_now`` gets every
+    call there: the lean path is for a class whose fast calls come with its general ones."""
+
+    class Logging(MemoryLedger):
+        def reserve_now(self, reservation_id: str, holds: Any, lease_ms: int) -> Any:
+            return super().reserve_now(reservation_id, holds, lease_ms)
+
+        def settle_now(self, settlement: Settlement) -> Any:
+            return super().settle_now(settlement)
+
+    config = BudgetConfig(rules=(Rule("user", "header:x-user", "10", "1d"),), estimate=2)
+    mw = BudgetMiddleware(uncharged, config, ledger=Logging())
+    assert mw._reserve_hold is None
+    assert not mw.finalizer.settles_holds
+    assert BudgetMiddleware(uncharged, config, ledger=MemoryLedger())._reserve_hold is not None
 
 
 def harness(app: Any, *, lean: bool, limit: str = "10") -> tuple[BudgetMiddleware, SettlementLog]:

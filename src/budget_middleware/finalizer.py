@@ -42,6 +42,7 @@ from .ledger import (
     Settlement,
     SettleOutcome,
 )
+from .ledger._types import fast_path
 from .telemetry import (
     ATTR,
     EVENT_OVERRUN,
@@ -96,7 +97,9 @@ class Finalizer:
         self._settle_now: Callable[[Settlement], Settled] | None = getattr(ledger, "settle_now", None)
         # ... and settles one hold without the objects (``settle_hold``), for ``settle_hold`` here.
         self._settle_hold: Callable[[str, Budget, int, str, int], SettleOutcome] | None = (
-            getattr(ledger, "settle_hold", None) if self._settle_now is not None else None
+            getattr(ledger, "settle_hold", None)
+            if self._settle_now is not None and fast_path(ledger, "settle_hold", "settle_now")
+            else None
         )
         # ... and needs no journal: a settlement is applied before submit returns.
         self.journal = journal if self._settle_now is None else None

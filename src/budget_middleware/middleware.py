@@ -41,6 +41,7 @@ from .ledger import (
     new_reservation_id,
     redis_ledger_from_url,
 )
+from .ledger._types import fast_path
 from .responses import (
     Headers,
     admitted_headers,
@@ -132,6 +133,7 @@ class BudgetMiddleware:
         self._reserve_hold: Callable[[str, Budget, int, int, int], Any] | None = (
             getattr(self.ledger, "reserve_hold", None)
             if self._reserve_now is not None
+            and fast_path(self.ledger, "reserve_hold", "reserve_now")
             and self.finalizer.settles_holds
             and self.finalizer.ledger is self.ledger
             else None

@@ -74,6 +74,18 @@ def check_lease(lease_ms: int, horizon_ms: int) -> None:
         raise ValueError(f"lease {lease_ms} ms must be positive and at most the horizon {horizon_ms} ms")
 
 
+def fast_path(ledger: object, fast: str, general: str) -> bool:
+    """Whether ``ledger`` offers ``fast`` (a call that skips the request and result objects) from
+    the class that also defines ``general``, the call it stands in for. A subclass that overrides
+    only ``general`` (to count, log or change its calls) is then never bypassed."""
+
+    def owner(name: str) -> type | None:
+        return next((c for c in type(ledger).__mro__ if name in c.__dict__), None)
+
+    fast_owner = owner(fast)
+    return fast_owner is not None and fast_owner is owner(general)
+
+
 class LedgerError(Exception):
     """The ledger could not answer; the outcome of the call may be unknown."""
 
