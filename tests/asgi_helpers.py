@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 from starlette.types import Message
 
-from budget_middleware import Finalizer, Settled, Settlement
+from budget_middleware import Finalizer, MemoryLedger, Settled, Settlement
 
 __all__ = [
     "DEADLINE_S",
@@ -260,6 +260,36 @@ async def settle_all(finalizer: Finalizer, timeout_s: float = DEADLINE_S) -> Non
     so the helper stays correct whichever way the worker and the waiter interleave.
     """
     await wait_until(lambda: finalizer.pending == 0, timeout_s=timeout_s, what="the finalizer")
+
+
+class CountingLedger(MemoryLedger):
+    """A memory ledger that counts the calls of the general path (``reserve_now``, ``settle_now``).
+
+    It overrides the lean path's calls too, so the lean path still serves it (see ``fast_path``).
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.general_reserves = 0
+        self.general_settles = 0
+
+    @property
+    def general(self) -> int:
+        return self.general_reserves + self.general_settles
+
+    def reserve_now(self, reservation_id: str, holds: Any, lease_ms: int) -> Any:
+        self.general_reserves += 1
+        return super().reserve_now(reservation_id, holds, lease_ms)
+
+    def settle_now(self, settlement: Settlement) -> Any:
+        self.general_settles += 1
+        return super().settle_now(settlement)
+
+    def reserve_hold(self, *args: Any) -> Any:
+        return super().reserve_hold(*args)
+
+    def settle_hold(self, *args: Any) -> Any:
+        return super().settle_hold(*args)
 
 
 class LedgerProxy:

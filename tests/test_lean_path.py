@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 import budget_middleware.middleware as middleware_module
 from asgi_helpers import (
+    CountingLedger,
     RecordingSend,
     ScriptedReceive,
     SettlementLog,
@@ -56,30 +57,6 @@ def no_telemetry_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(metrics_state, "_METER_PROVIDER", None)
     proxy = metrics_state._ProxyMeter("budget_middleware", "0.1.0")
     monkeypatch.setattr(telemetry, "_instruments", telemetry.Instruments(proxy))
-
-
-class CountingLedger(MemoryLedger):
-    """A memory ledger that counts the calls of the general path."""
-
-    def __init__(self) -> None:
-        super().__init__(clock=lambda: NOW_MS)
-        self.general_reserves = 0
-        self.general_settles = 0
-
-    def reserve_now(self, reservation_id: str, holds: Any, lease_ms: int) -> Any:
-        self.general_reserves += 1
-        return super().reserve_now(reservation_id, holds, lease_ms)
-
-    def settle_now(self, settlement: Settlement) -> Any:
-        self.general_settles += 1
-        return super().settle_now(settlement)
-
-    # Overridden here too, so the lean path still serves this ledger (see fast_path).
-    def reserve_hold(self, *args: Any) -> Any:
-        return super().reserve_hold(*args)
-
-    def settle_hold(self, *args: Any) -> Any:
-        return super().settle_hold(*args)
 
 
 async def charging(scope: Scope, receive: Receive, send: Send) -> None:
@@ -148,7 +125,7 @@ def test_a_subclass_that_overrides_only_the_general_calls_is_not_bypassed() -> N
 
 def harness(app: Any, *, lean: bool, limit: str = "10") -> tuple[BudgetMiddleware, SettlementLog]:
     config = BudgetConfig(rules=(Rule("user", "header:x-user", limit, "1d"),), estimate=2)
-    ledger = CountingLedger()
+    ledger = CountingLedger(clock=lambda: NOW_MS)
     log = SettlementLog()
     finalizer = Finalizer(ledger, lease_ms=config.lease_ms, on_settled=log)
     mw = BudgetMiddleware(app, config, ledger=ledger, finalizer=finalizer)
@@ -226,7 +203,7 @@ async def test_a_rejection_on_the_lean_path_is_the_general_one() -> None:
 
 async def test_without_a_hook_nothing_is_built_and_everything_is_counted() -> None:
     config = BudgetConfig(rules=(Rule("user", "header:x-user", "10", "1d"),), estimate=2)
-    ledger = CountingLedger()
+    ledger = CountingLedger(clock=lambda: NOW_MS)
     mw = BudgetMiddleware(charging, config, ledger=ledger)
     for user in ("a", "b", "a"):
         await run(mw, user)
@@ -241,7 +218,7 @@ async def test_without_a_hook_nothing_is_built_and_everything_is_counted() -> No
 async def test_several_rules_take_the_general_path() -> None:
     rules = (Rule("user", "header:x-user", "10", "1d"), Rule("team", "header:x-team", "10", "1d"))
     config = BudgetConfig(rules=rules, estimate=2)
-    ledger = CountingLedger()
+    ledger = CountingLedger(clock=lambda: NOW_MS)
     mw = BudgetMiddleware(charging, config, ledger=ledger)
     scope = http_scope(headers=[("x-user", "a"), ("x-team", "t")])
     await mw(scope, ScriptedReceive(), RecordingSend())

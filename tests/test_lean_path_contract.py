@@ -39,6 +39,7 @@ import budget_middleware.handle as handle_module
 import budget_middleware.middleware as middleware_module
 import budget_middleware.responses as responses_module
 from asgi_helpers import (
+    CountingLedger,
     MessageQueue,
     RecordingSend,
     ScriptedReceive,
@@ -59,7 +60,6 @@ from budget_middleware import (
 )
 from budget_middleware.handle import charge_micros
 from budget_middleware.keys import Budget
-from budget_middleware.ledger import Settlement
 from budget_middleware.responses import hold_headers, rate_limit_headers
 
 # One ledger clock for both paths, so RateLimit's t= is the same; near the ids' own time, so no
@@ -349,29 +349,6 @@ async def drive(mw: Any, app: Any, headers: list[tuple[str, str]]) -> tuple[str,
     return (outcome[0] if outcome else "cancelled"), send.messages
 
 
-class CountingLedger(MemoryLedger):
-    """A memory ledger on a fixed clock that counts the general path's calls."""
-
-    def __init__(self) -> None:
-        super().__init__(clock=lambda: NOW_MS)
-        self.general = 0
-
-    def reserve_now(self, reservation_id: str, holds: Any, lease_ms: int) -> Any:
-        self.general += 1
-        return super().reserve_now(reservation_id, holds, lease_ms)
-
-    def settle_now(self, settlement: Settlement) -> Any:
-        self.general += 1
-        return super().settle_now(settlement)
-
-    # Overridden here too, so the lean path still serves this ledger (see fast_path).
-    def reserve_hold(self, *args: Any) -> Any:
-        return super().reserve_hold(*args)
-
-    def settle_hold(self, *args: Any) -> Any:
-        return super().settle_hold(*args)
-
-
 def settlement_facts(log: SettlementLog) -> list[Any]:
     out = []
     for settlement, settled in log.entries:
@@ -395,7 +372,7 @@ async def run_scenario(
     elif rules == "second-skipped":  # two rules, only one applies: still a one-hold request
         rule_set += (Rule("team", "header:x-team", "100", "1h"),)
     cfg = BudgetConfig(rules=rule_set, estimate=ESTIMATE, **config)
-    ledger = CountingLedger()
+    ledger = CountingLedger(clock=lambda: NOW_MS)
     log = SettlementLog() if hook else None
     finalizer = Finalizer(ledger, lease_ms=cfg.lease_ms, on_settled=log)
     mw = BudgetMiddleware(app, cfg, ledger=ledger, finalizer=finalizer)
@@ -517,7 +494,7 @@ async def test_with_a_tracer_provider_each_exit_path_has_its_reserve_and_settle_
     app: Any, spans: InMemorySpanExporter
 ) -> None:
     cfg = BudgetConfig(rules=(Rule("user", "header:x-user", "10", "1d"),), estimate=ESTIMATE)
-    ledger = CountingLedger()
+    ledger = CountingLedger(clock=lambda: NOW_MS)
     mw = BudgetMiddleware(app, cfg, ledger=ledger)
     await drive(mw, app, [("x-user", "alice")])
     await settle_all(mw.finalizer)
@@ -539,7 +516,7 @@ async def test_with_a_meter_provider_each_exit_path_is_counted_as_before(
     app: Any, meter_reader: InMemoryMetricReader
 ) -> None:
     cfg = BudgetConfig(rules=(Rule("user", "header:x-user", "10", "1d"),), estimate=ESTIMATE)
-    ledger = CountingLedger()
+    ledger = CountingLedger(clock=lambda: NOW_MS)
     mw = BudgetMiddleware(app, cfg, ledger=ledger)
     for user in ("alice", "bob"):
         await drive(mw, app, [("x-user", user)])
@@ -568,7 +545,7 @@ async def test_a_meter_provider_installed_mid_request_gets_that_requests_settlem
         await send(BODY)
 
     cfg = BudgetConfig(rules=(Rule("user", "header:x-user", "10", "1d"),), estimate=ESTIMATE)
-    ledger = CountingLedger()
+    ledger = CountingLedger(clock=lambda: NOW_MS)
     mw = BudgetMiddleware(app, cfg, ledger=ledger)
     try:
         await drive(mw, app, [("x-user", "alice")])
@@ -591,7 +568,7 @@ async def test_a_propagated_trace_reaches_the_hook_on_the_lean_path() -> None:
     results = []
     for lean in (True, False):
         cfg = BudgetConfig(rules=(Rule("user", "header:x-user", "10", "1d"),), estimate=ESTIMATE)
-        ledger = CountingLedger()
+        ledger = CountingLedger(clock=lambda: NOW_MS)
         log = SettlementLog()
         mw = BudgetMiddleware(
             completed_charged, cfg, ledger=ledger, finalizer=Finalizer(ledger, on_settled=log)
@@ -655,7 +632,7 @@ async def test_the_redis_ledger_never_takes_the_lean_path_and_settles_once(app: 
 
 async def test_a_memory_ledger_that_settles_through_the_worker_is_not_lean() -> None:
     """A ledger without ``settle_now`` (as the outage tests make one) goes through the queue."""
-    ledger = CountingLedger()
+    ledger = CountingLedger(clock=lambda: NOW_MS)
     ledger.settle_now = None  # type: ignore[assignment]
     mw = BudgetMiddleware(
         completed, BudgetConfig(rules=(Rule("u", "header:x-user", "10"),)), ledger=ledger
@@ -871,7 +848,7 @@ async def test_hostile_ids_answer_alike_on_both_paths_and_stay_out_of_the_budget
     results = []
     for lean in (True, False):
         cfg = BudgetConfig(rules=(Rule("user", "header:x-user", "10", "1d", on_missing="reject"),))
-        ledger = CountingLedger()
+        ledger = CountingLedger(clock=lambda: NOW_MS)
         log = SettlementLog()
         mw = BudgetMiddleware(
             completed_charged, cfg, ledger=ledger, finalizer=Finalizer(ledger, on_settled=log)
@@ -944,7 +921,7 @@ def test_the_cached_ratelimit_bytes_are_those_of_the_general_formatter(case: Any
 
 
 async def test_interleaved_lean_requests_each_settle_their_own_charge() -> None:
-    ledger = CountingLedger()
+    ledger = CountingLedger(clock=lambda: NOW_MS)
     log = SettlementLog()
     cfg = BudgetConfig(rules=(Rule("user", "header:x-user", "100", "1d"),), estimate=ESTIMATE)
     gates = {n: anyio.Event() for n in range(20)}
