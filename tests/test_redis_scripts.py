@@ -238,6 +238,29 @@ class TestRegressions:
             await ledger._eval("settle", [key(ledger, a)], args)
         assert "h:" + r.id in await fields(ledger, a)
 
+    @pytest.mark.parametrize("field", ["held", "epoch", "s:0", "x"])
+    async def test_a_hold_field_that_is_not_a_hold_is_refused(
+        self, make_ledger: Any, field: str
+    ) -> None:
+        """The hold's field comes ready-made from the caller: a reserve or settle given another
+        field of the hash (``held``, ``epoch``, a window) would overwrite or delete it."""
+        ledger = await make_ledger()
+        a = budget("r:a")
+        r = await admit(ledger, a, 5)
+        before = await fields(ledger, a)
+        with pytest.raises(LedgerError):
+            await ledger._eval(
+                "reserve", [key(ledger, a)], [field, 1000, ledger.horizon_ms, DAY_MS, LIMIT, 5]
+            )
+        hb = r.holds[0]
+        with pytest.raises(LedgerError):
+            await ledger._eval(
+                "settle",
+                [key(ledger, a)],
+                [field, 5, ledger.horizon_ms, -5, f"s:{hb.window}", hb.epoch, DAY_MS],
+            )
+        assert await fields(ledger, a) == before
+
     async def test_a_settle_checks_the_horizon_before_settling_any_budget(
         self, make_ledger: Any
     ) -> None:

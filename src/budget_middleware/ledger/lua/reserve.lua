@@ -15,7 +15,7 @@
 -- every table it turns into a reply).
 local hold = ARGV[1]
 local n = #KEYS
-if n < 1 or #ARGV ~= 3 + 3 * n then
+if n < 1 or #ARGV ~= 3 + 3 * n or string.sub(hold, 1, 2) ~= 'h:' then
   return redis.error_reply('ERR budget reserve: bad arguments')
 end
 -- Every argument is checked before the first write (a script that fails keeps the writes it

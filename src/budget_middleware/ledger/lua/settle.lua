@@ -10,7 +10,7 @@
 -- with one number read: see reserve.lua for why.
 local hold = ARGV[1]
 local n = #KEYS
-if n < 1 or #ARGV ~= 3 + 4 * n then
+if n < 1 or #ARGV ~= 3 + 4 * n or string.sub(hold, 1, 2) ~= 'h:' then
   return redis.error_reply('ERR budget settle: bad arguments')
 end
 -- Every argument is checked before the first write (a script that fails keeps the writes it
