@@ -98,7 +98,7 @@ async def spent_now(ledger: Any, b: Budget) -> int:
 
 def made_by(epoch: str, rid: str) -> bool:
     """Whether ``epoch`` is that of a state made by reservation ``rid``: its id, then ':' and the
-    server's time in ms."""
+    server's TIME (seconds '.' microseconds)."""
     return epoch.startswith(rid + ":")
 
 
@@ -170,10 +170,11 @@ class TestRegressions:
         self, make_ledger: Any
     ) -> None:
         """A new budget state's epoch is made from the id of the reservation that made it and the
-        server's time. The id alone could repeat: R0 makes the state (its reply lost), R1 reserves
-        under R0's epoch, Redis loses its state, the caller retries R0, which makes the state again.
-        With the same epoch R1's settle would be taken for a duplicate and its spend lost; with a
-        new one it is recovered.
+        server's time to the microsecond. The id alone could repeat: R0 makes the state (its reply
+        lost), R1 reserves under R0's epoch, Redis loses its state, the caller retries R0, which
+        makes the state again. With the same epoch R1's settle would be taken for a duplicate and
+        its spend lost; with a new one it is recovered. (The whole sequence can fit in one
+        millisecond, so the millisecond alone would not do.)
         """
         ledger = await make_ledger()
         a = budget("r:a")

@@ -2,8 +2,8 @@
 --
 -- A budget is one HASH, passed as one key: <prefix>:{<rule>:<entity>}. Its fields:
 --   held        integer micro-units: the sum of live holds
---   epoch       random token of this budget's state (DESIGN.md 4): '<id>:<ms>', the id of the
---               reservation whose hold made it and the server's time then
+--   epoch       random token of this budget's state (DESIGN.md 4): '<id>:<s>.<us>', the id of
+--               the reservation whose hold made it and the server's TIME then
 --   limit       optional per-entity limit override (an operator's setting: the hash then has no TTL)
 --   ttl         until when (ms) the hash's TTL is armed; -1 while it has none (a lifetime budget, or
 --               a limit override), so scripts know without a PTTL call whether to re-arm it
@@ -28,10 +28,11 @@ local function int(x)
   return string.format('%d', x)
 end
 
+-- The server's time in ms, then its TIME reply (seconds and microseconds, as strings).
 local function now_ms()
   local t = redis.call('TIME')
   local us = t[2] + 0
-  return t[1] * 1000 + (us - us % 1000) / 1000
+  return t[1] * 1000 + (us - us % 1000) / 1000, t
 end
 
 local function window_of(now, period)

@@ -35,7 +35,7 @@ if bad then
   return redis.error_reply('ERR budget reserve: bad arguments')
 end
 
-local now = now_ms()
+local now, time = now_ms()
 local ids = {}
 local rows = {}
 local rejected = false
@@ -143,9 +143,10 @@ for i = 1, n do
   end
   local epoch = v[2]
   if not epoch then
-    -- A new budget state: its epoch is the id of the reservation that made it and the time. The
-    -- id alone could come again: a reserve retried after Redis lost the state makes it anew.
-    epoch = string.sub(hold, 3) .. ':' .. int(now)
+    -- A new budget state: its epoch is the id of the reservation that made it and the server's
+    -- time to the microsecond. The id alone could come again (a reserve retried after Redis lost
+    -- the state makes it anew), and so could the millisecond.
+    epoch = string.sub(hold, 3) .. ':' .. time[1] .. '.' .. time[2]
     writes[#writes + 1] = 'epoch'
     writes[#writes + 1] = epoch
   end
