@@ -45,6 +45,7 @@ from .ledger._types import fast_path
 from .responses import (
     Headers,
     admitted_headers,
+    headers_from_head,
     hold_head,
     send_missing_entity,
     send_problem,
@@ -351,21 +352,13 @@ class BudgetMiddleware:
                 rejection = None
                 window, epoch, limit, remaining, reset_ms, _, _, _, now = got
                 hold = (rid, budget, estimate, window, epoch, limit, remaining, reset_ms, lease_ms, now)
-                # hold_headers, written out: the parts that depend on the rule and its limit are
-                # kept per rule name, and only the two numbers that change are formatted.
+                # hold_headers, with the parts that depend on the rule and its limit kept per
+                # rule name.
                 head = self._hold_heads.get(budget.rule)
                 if head is None or head[0] != limit:
                     head = (limit, *hold_head(budget.rule, limit, budget.period_ms))
                     self._hold_heads[budget.rule] = head
-                _, policy, start = head
-                if remaining < 0:
-                    remaining = 0
-                if reset_ms is None:
-                    headers = [policy, (b"ratelimit", b"%b%d" % (start, remaining))]
-                else:
-                    wait_ms = reset_ms - now
-                    wait_s = -(-wait_ms // 1000) if wait_ms > 0 else 0
-                    headers = [policy, (b"ratelimit", b"%b%d;t=%d" % (start, remaining, wait_s))]
+                headers = headers_from_head(head[1], head[2], remaining, reset_ms, now)
                 if self.finalizer.on_settled is not None:  # it sees the request's trace id
                     span_context = trace.get_current_span().get_span_context()
         else:

@@ -89,6 +89,13 @@ def hold_headers(
     """``rate_limit_headers`` of one budget: the policy header and the start of the other are one
     cache lookup (``hold_head``), and only the two numbers that change are formatted."""
     policy, start = hold_head(rule, limit, period_ms)
+    return headers_from_head(policy, start, remaining, reset_ms, now_ms)
+
+
+def headers_from_head(
+    policy: tuple[bytes, bytes], start: bytes, remaining: int, reset_ms: int | None, now_ms: int
+) -> Headers:
+    """One budget's headers from its ``hold_head``: only the two numbers that change are formatted."""
     if remaining < 0:
         remaining = 0
     if reset_ms is None:
