@@ -766,3 +766,86 @@ class TestEpoch:
         assert made_by(r1.holds[0].epoch, r1.id)
         # r0 is settled and older than the horizon: whatever epoch it carries, it changes nothing.
         assert (await ledger.settle(settlement(r0, 1))).outcomes == ("stale",)
+
+
+# =================================================================================================
+# One budget's common case (served before the general path)
+# =================================================================================================
+
+
+class TestOneBudgetCommonCase:
+    """A reserve of one budget whose state exists, with no purge pass due and not a retry, and a
+    settle of one budget whose hold is there, return before the general path: they must still do
+    everything the general path would."""
+
+    async def test_a_rejection_writes_nothing(self, make_ledger: Any) -> None:
+        ledger = await make_ledger()
+        a = budget("r:a")
+        await admit(ledger, a, 60)
+        before = await fields(ledger, a)
+        reply = await ledger._eval(
+            "reserve", [key(ledger, a)], ["h:" + new_reservation_id(), 1000, DAY_MS, DAY_MS, 100, 41]
+        )
+        assert reply[0] == 0
+        assert reply[2] == 0
+        assert reply[3:] == [100, 0, 60, 0]
+        assert await fields(ledger, a) == before
+
+    async def test_a_ttl_running_short_is_armed_again(self, make_ledger: Any) -> None:
+        ledger = await make_ledger()
+        a = budget("r:a")
+        client = ledger.client()
+        await admit(ledger, a, 1)
+        soon = await server_ms(ledger) + 5_000
+        await client.hset(key(ledger, a), "ttl", soon)
+        await client.pexpireat(key(ledger, a), soon)
+        r = await admit(ledger, a, 1)
+        armed = int((await fields(ledger, a))["ttl"])
+        assert armed >= r.now_ms + LONG_LEASE_MS + ledger.horizon_ms
+        assert int(await client.pttl(key(ledger, a))) > ledger.horizon_ms
+
+    async def test_a_ttl_armed_far_enough_is_left_alone(self, make_ledger: Any) -> None:
+        ledger = await make_ledger()
+        a = budget("r:a")
+        await admit(ledger, a, 1)
+        armed = (await fields(ledger, a))["ttl"]
+        await admit(ledger, a, 1)
+        assert (await fields(ledger, a))["ttl"] == armed
+
+    async def test_a_budget_with_an_override_loses_its_ttl(self, make_ledger: Any) -> None:
+        ledger = await make_ledger()
+        a = budget("r:a")
+        client = ledger.client()
+        await admit(ledger, a, 1)
+        # An override in a hash that still has a TTL (as a hash kept for its override would be
+        # between the override and its next reserve, were they not written together).
+        await client.hset(key(ledger, a), "limit", 500)
+        assert int(await client.pttl(key(ledger, a))) > 0
+        r = await admit(ledger, a, 1)
+        assert r.holds[0].limit == 500
+        assert r.holds[0].remaining == 498
+        assert (await fields(ledger, a))["ttl"] == "-1"
+        assert int(await client.pttl(key(ledger, a))) == -1
+
+    async def test_the_first_reserve_of_a_new_window_brings_the_purge_forward(
+        self, make_ledger: Any
+    ) -> None:
+        ledger = await make_ledger()
+        a = budget("r:a", period_ms=2_000)  # a window that ends before the lease does
+        client = ledger.client()
+        await admit(ledger, a, 1)
+        # No spend in the window yet, and no pass due for a long time.
+        await client.hset(key(ledger, a), "pa", 2**52)
+        r = await admit(ledger, a, 1)
+        assert int((await fields(ledger, a))["pa"]) == r.holds[0].window + 2_000
+
+    async def test_a_settle_of_one_budget_adds_and_releases_once(self, make_ledger: Any) -> None:
+        ledger = await make_ledger()
+        a = budget("r:a")
+        r = await admit(ledger, a, 30)
+        assert (await ledger.settle(settlement(r, 7))).outcomes == ("applied",)
+        assert (await ledger.settle(settlement(r, 7))).outcomes == ("duplicate",)
+        f = await fields(ledger, a)
+        assert f["held"] == "0"
+        assert f[f"s:{r.holds[0].window}"] == "7"
+        assert "h:" + r.id not in f

@@ -71,10 +71,10 @@ def redact_url(url: str) -> str:
 class _Script:
     __slots__ = ("head", "name", "sha", "source")
 
-    def __init__(self, name: str, prelude: str) -> None:
+    def __init__(self, name: str, prelude: str, helpers: str) -> None:
         body = resources.files(__package__).joinpath(f"lua/{name}.lua").read_text("utf-8")
         self.name = name
-        self.source = prelude + "\n" + body
+        self.source = prelude + "\n" + _include_helpers(body, helpers)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
         self.head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode() + b"\r\n"
 
@@ -99,10 +99,24 @@ def pack_evalsha(script: _Script, keys: list[str], args: list[Any]) -> bytes:
     return b"*%d\r\n%b%b%b" % (3 + len(keys) + len(args), script.head, _bulk(len(keys)), body_bytes)
 
 
+_INCLUDE_HELPERS = "-- #include _helpers.lua\n"
+
+
+def _include_helpers(body: str, helpers: str) -> str:
+    """``body`` with the helper functions where its include line is, or before it all."""
+    if body.count(_INCLUDE_HELPERS) > 1:
+        raise ValueError("a script includes its helpers once")
+    if _INCLUDE_HELPERS in body:
+        return body.replace(_INCLUDE_HELPERS, helpers)
+    return helpers + "\n" + body
+
+
 def _load_scripts() -> dict[str, _Script]:
-    prelude = resources.files(__package__).joinpath("lua/_common.lua").read_text("utf-8")
+    lua = resources.files(__package__).joinpath("lua")
+    prelude = lua.joinpath("_common.lua").read_text("utf-8")
+    helpers = lua.joinpath("_helpers.lua").read_text("utf-8")
     names = ("reserve", "settle", "extend", "usage", "reset", "limit")
-    return {n: _Script(n, prelude) for n in names}
+    return {n: _Script(n, prelude, helpers) for n in names}
 
 
 def _wrap(exc: BaseException) -> LedgerError:

@@ -1,4 +1,8 @@
--- Shared prelude, prepended to every script when the ledger loads it.
+-- Shared prelude, prepended to every script when the ledger loads it: the budget's layout and
+-- constants. The helper functions are in _helpers.lua, which the loader puts where a script has
+-- the line `-- #include _helpers.lua`, or else right after this prelude. Defining a function costs
+-- the server a closure on every call of the script, so reserve and settle include them only after
+-- their common case has returned.
 --
 -- A budget is one HASH, passed as one key: <prefix>:{<rule>:<entity>}. Its fields:
 --   held        integer micro-units: the sum of live holds
@@ -23,103 +27,8 @@
 local PURGE_BATCH = 64
 local NEVER = 9007199254740991 -- 2^53 - 1
 
--- Integers cross into commands as exact decimal strings, never as Lua's %.14g floats.
-local function int(x)
-  return string.format('%d', x)
-end
-
--- The server's time in ms, then its TIME reply (seconds and microseconds, as strings).
-local function now_ms()
-  local t = redis.call('TIME')
-  local us = t[2] + 0
-  return t[1] * 1000 + (us - us % 1000) / 1000, t
-end
-
-local function window_of(now, period)
-  if period > 0 then
-    return now - now % period
-  end
-  return 0
-end
-
--- One step of a purge pass over the hash at `key`, from HSCAN `cursor`: expired holds become
--- tombstones (their ids appended to `ids`, their field/value pairs to `writes` for the caller's
--- HSET), tombstones and done records older than the horizon and windows that ended a period ago are
--- deleted. `due` carries the earliest time anything seen will be due. `seen`, when given, makes
--- the step count each live hold once across steps (HSCAN may return an element twice).
--- Returns moved, released amount, next cursor ('0': the pass is complete), due, live holds seen.
-local function purge_step(key, cursor, due, now, horizon, period, ids, writes, seen)
-  local scan = redis.call('HSCAN', key, cursor, 'COUNT', PURGE_BATCH)
-  local kv = scan[2]
-  local dels = {}
-  local moved, released, live = 0, 0, 0
-  for i = 1, #kv, 2 do
-    local field, value = kv[i], kv[i + 1]
-    local kind = string.sub(field, 1, 2)
-    if kind == 'h:' then
-      local sep = string.find(value, ':', 1, true)
-      local expiry = tonumber(string.sub(value, 1, sep - 1))
-      if expiry <= now then
-        local id = string.sub(field, 3)
-        released = released + tonumber(string.sub(value, sep + 1))
-        moved = moved + 1
-        ids[#ids + 1] = id
-        dels[#dels + 1] = field
-        writes[#writes + 1] = 't:' .. id
-        writes[#writes + 1] = int(now)
-        due = math.min(due, now + horizon)
-      else
-        due = math.min(due, expiry)
-        if seen == nil then
-          live = live + 1
-        elseif not seen[field] then
-          seen[field] = true
-          live = live + 1
-        end
-      end
-    elseif kind == 't:' or kind == 'd:' then
-      local ends = tonumber(value) + horizon
-      if ends <= now then
-        dels[#dels + 1] = field
-      else
-        due = math.min(due, ends)
-      end
-    elseif kind == 's:' and period > 0 then
-      local ends = tonumber(string.sub(field, 3)) + 2 * period
-      if ends <= now then
-        dels[#dels + 1] = field
-      else
-        due = math.min(due, ends)
-      end
-    end
-  end
-  if #dels > 0 then
-    redis.call('HDEL', key, unpack(dels))
-  end
-  if released > 0 then
-    redis.call('HINCRBY', key, 'held', int(-released))
-  end
-  return moved, released, scan[1], due, live
-end
-
--- The pass-state fields for the caller's HSET after a purge step (and the fields to delete when the
--- pass is complete): the pass goes on from `cursor` at the next call, or is done and `due` is when
--- the next one is.
-local function pass_state(cursor, due, writes, key)
-  if cursor == '0' then
-    writes[#writes + 1] = 'pa'
-    writes[#writes + 1] = int(due)
-    redis.call('HDEL', key, 'pc', 'pm')
-  else
-    writes[#writes + 1] = 'pa'
-    writes[#writes + 1] = '0'
-    writes[#writes + 1] = 'pc'
-    writes[#writes + 1] = cursor
-    writes[#writes + 1] = 'pm'
-    writes[#writes + 1] = int(due)
-  end
-end
-
+-- The one helper every script may need before its common case returns (the rest are in
+-- _helpers.lua).
 -- Makes sure the hash outlives a write at `at` (ms) by the horizon, and the spend of `window` (for a
 -- `period` > 0) until that window has ended; when it does not, arms its TTL a horizon further.
 -- `armed` is the hash's `ttl` field (-1: persistent, left so). Appends the field to `writes`;
@@ -134,20 +43,6 @@ local function arm(armed, at, horizon, window, period, writes)
     return nil
   end
   writes[#writes + 1] = 'ttl'
-  writes[#writes + 1] = int(armed_to)
+  writes[#writes + 1] = string.format('%d', armed_to)
   return armed_to
-end
-
--- Makes the purge pass under way (`pm` set) or the next one (`pa`) come no later than `due`.
--- Appends the field to `writes` when it moves.
-local function due_by(due, pa, pm, writes)
-  if pm then
-    if due < pm then
-      writes[#writes + 1] = 'pm'
-      writes[#writes + 1] = int(due)
-    end
-  elseif due < (pa or NEVER) then
-    writes[#writes + 1] = 'pa'
-    writes[#writes + 1] = int(due)
-  end
 end

@@ -13,6 +13,10 @@
 -- where tonumber() makes two), the HMGET asks only for what every reserve needs, tables are built
 -- whole rather than grown, and the reply is one flat array (the server looks up special fields in
 -- every table it turns into a reply).
+--
+-- The common case, one budget whose state exists, with no purge pass due and not a retry, is
+-- served first, before the helpers are defined (see _common.lua); anything else goes on to the
+-- general path below, which reuses the time and the budget's fields read so far.
 local hold = ARGV[1]
 local n = #KEYS
 if n < 1 or #ARGV ~= 3 + 3 * n or string.sub(hold, 1, 2) ~= 'h:' then
@@ -23,9 +27,10 @@ end
 -- `x >= 0 and x <= NEVER` also refuses 'nan' and 'inf'.
 local lease, horizon = ARGV[2] + 0, ARGV[3] + 0
 local bad = not (lease >= 0 and lease <= NEVER and horizon >= 0 and horizon <= NEVER)
+local period, default, amount -- of the first budget
 for i = 1, n do
   local a = 3 + 3 * (i - 1)
-  local period, default, amount = ARGV[a + 1] + 0, ARGV[a + 2] + 0, ARGV[a + 3] + 0
+  period, default, amount = ARGV[a + 1] + 0, ARGV[a + 2] + 0, ARGV[a + 3] + 0
   if not (period >= 0 and period <= NEVER and period % 1 == 0 and default >= -NEVER
       and default <= NEVER and amount >= 0 and amount <= NEVER and amount % 1 == 0) then
     bad = true
@@ -35,7 +40,75 @@ if bad then
   return redis.error_reply('ERR budget reserve: bad arguments')
 end
 
-local now, time = now_ms()
+-- Writes an admitted hold's fields, `writes`, to the budget `key` whose HMGET reply is `v`, and
+-- keeps the hash's life right: a limit override, or the spend of a lifetime budget, is the
+-- budget's record and has no TTL; otherwise the epoch outlives every write by the horizon and the
+-- spend its window, re-armed about once per horizon, not on every reserve (a hash kept for a
+-- reason that has gone is armed again).
+local function write_hold(key, v, expiry, window, period, writes)
+  local armed = v[4] and v[4] + 0 or 0
+  if v[3] or (period == 0 and v[6]) then
+    if armed == -1 then
+      redis.call('HSET', key, unpack(writes))
+    else
+      writes[#writes + 1] = 'ttl'
+      writes[#writes + 1] = '-1'
+      redis.call('HSET', key, unpack(writes))
+      redis.call('PERSIST', key)
+    end
+    return
+  end
+  if armed == -1 then
+    armed = 0
+  end
+  local expire_at = arm(armed, expiry, horizon, window, period, writes)
+  redis.call('HSET', key, unpack(writes))
+  if expire_at then
+    redis.call('PEXPIREAT', key, string.format('%d', expire_at))
+  end
+end
+
+-- The server's time in ms, and its TIME reply (seconds and microseconds, as strings).
+local time = redis.call('TIME')
+local us = time[2] + 0
+local now = time[1] * 1000 + (us - us % 1000) / 1000
+local first = nil -- the first budget's HMGET reply, when the common case did not apply
+if n == 1 then
+  local key = KEYS[1]
+  local window = 0
+  if period > 0 then
+    window = now - now % period
+  end
+  local v = redis.call('HMGET', key, 'held', 'epoch', 'limit', 'ttl', 'pa', string.format('s:%d', window), hold)
+  local pa = v[5] and v[5] + 0 or NEVER
+  if v[2] and not v[7] and pa > now then
+    local held = v[1] and v[1] + 0 or 0
+    if held < 0 then
+      held = 0
+    end
+    local limit = v[3] and v[3] + 0 or default
+    local spent = v[6] and v[6] + 0 or 0
+    if not (limit - spent - held > 0 and spent + held + amount <= limit) then
+      return {0, now, 0, limit, spent, held, 0}
+    end
+    local expiry = now + lease
+    local writes = {hold, string.format('%d:%d', expiry, amount), 'held', string.format('%d', held + amount)}
+    -- As due_by and the general path's admitted writes below.
+    local due = expiry
+    if not v[6] and period > 0 and window + period < due then
+      due = window + period
+    end
+    if due < pa then
+      writes[5] = 'pa'
+      writes[6] = string.format('%d', due)
+    end
+    write_hold(key, v, expiry, window, period, writes)
+    return {1, now, 0, v[2], limit, limit - spent - held - amount}
+  end
+  first = v
+end
+
+-- #include _helpers.lua
 local ids = {}
 local rows = {}
 local rejected = false
@@ -47,7 +120,7 @@ for i = 1, n do
   if period > 0 then
     window = now - now % period
   end
-  local v = redis.call('HMGET', key, 'held', 'epoch', 'limit', 'ttl', 'pa', string.format('s:%d', window), hold)
+  local v = first or redis.call('HMGET', key, 'held', 'epoch', 'limit', 'ttl', 'pa', string.format('s:%d', window), hold)
   local held = v[1] and v[1] + 0 or 0
   local pa = v[5] and v[5] + 0 or NEVER -- every hash has `pa` once it has a hold
   local pm = false -- the earliest due time a pass under way has seen
@@ -158,30 +231,7 @@ for i = 1, n do
     due = window + period
   end
   due_by(due, pa, pm, writes)
-  local armed = v[4] and v[4] + 0 or 0
-  local persist = false
-  local expire_at = nil
-  if v[3] or (period == 0 and v[6]) then
-    -- A limit override, or the spend of a lifetime budget, is the budget's record: no TTL.
-    if armed ~= -1 then
-      writes[#writes + 1] = 'ttl'
-      writes[#writes + 1] = '-1'
-      persist = true
-    end
-  else
-    -- The epoch outlives every write by the horizon, the spend its window: re-armed about once
-    -- per horizon, not on every reserve. A hash kept for a reason that has gone is armed again.
-    if armed == -1 then
-      armed = 0
-    end
-    expire_at = arm(armed, expiry, horizon, window, period, writes)
-  end
-  redis.call('HSET', key, unpack(writes))
-  if expire_at then
-    redis.call('PEXPIREAT', key, int(expire_at))
-  elseif persist then
-    redis.call('PERSIST', key)
-  end
+  write_hold(key, v, expiry, window, period, writes)
   if n == 1 and #ids == 0 then
     return {1, now, 0, epoch, limit, limit - spent - held - amount}
   end

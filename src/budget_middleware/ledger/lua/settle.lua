@@ -7,7 +7,8 @@
 -- Returns the outcome per budget, separated by spaces: applied | late | recovered | duplicate | stale
 --
 -- The common path (the hold is there) is HDEL and two HINCRBYs of strings the caller formatted,
--- with one number read: see reserve.lua for why.
+-- with one number read: see reserve.lua for why. For one budget it returns before the helpers are
+-- defined (see _common.lua).
 local hold = ARGV[1]
 local n = #KEYS
 if n < 1 or #ARGV ~= 3 + 4 * n or string.sub(hold, 1, 2) ~= 'h:' then
@@ -34,13 +35,35 @@ if bad then
   return redis.error_reply('ERR budget settle: bad arguments')
 end
 
+-- Adds the actual cost to the budget `key`'s spend in its window, unless there is none to add
+-- (or the reserve's reply never came: a release).
+local function add_spent(key, spent_field, period)
+  if actual > 0 and spent_field ~= '' then
+    if redis.call('HINCRBY', key, spent_field, ARGV[2]) == actual and period == '0' then
+      -- The first spend of a lifetime budget: from now on the hash is its record, with no TTL.
+      redis.call('HSET', key, 'ttl', '-1')
+      redis.call('PERSIST', key)
+    end
+  end
+end
+
+if n == 1 and redis.call('HDEL', KEYS[1], hold) == 1 then
+  if ARGV[4] ~= '0' then
+    redis.call('HINCRBY', KEYS[1], 'held', ARGV[4])
+  end
+  add_spent(KEYS[1], ARGV[5], ARGV[7])
+  return 'applied'
+end
+
+-- #include _helpers.lua
+
 local out = n > 1 and {} or nil
 for i = 1, n do
   local key = KEYS[i]
   local a = 3 + 4 * (i - 1)
   local release, spent_field, period = ARGV[a + 1], ARGV[a + 2], ARGV[a + 4]
   local outcome
-  if redis.call('HDEL', key, hold) == 1 then
+  if n > 1 and redis.call('HDEL', key, hold) == 1 then -- (one budget's hold was looked for above)
     if release ~= '0' then
       redis.call('HINCRBY', key, 'held', release)
     end
@@ -79,12 +102,8 @@ for i = 1, n do
       end
     end
   end
-  if actual > 0 and spent_field ~= '' and outcome ~= 'duplicate' and outcome ~= 'stale' then
-    if redis.call('HINCRBY', key, spent_field, ARGV[2]) == actual and period == '0' then
-      -- The first spend of a lifetime budget: from now on the hash is its record, with no TTL.
-      redis.call('HSET', key, 'ttl', '-1')
-      redis.call('PERSIST', key)
-    end
+  if outcome ~= 'duplicate' and outcome ~= 'stale' then
+    add_spent(key, spent_field, period)
   end
   if n == 1 then
     return outcome
