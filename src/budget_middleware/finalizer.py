@@ -42,7 +42,7 @@ from .ledger import (
     Settlement,
     SettleOutcome,
 )
-from .ledger._types import fast_path
+from .ledger._types import HoldFacts, fast_path
 from .telemetry import (
     ATTR,
     EVENT_OVERRUN,
@@ -59,9 +59,9 @@ logger = logging.getLogger("budget_middleware")
 
 # One admitted hold of a one-rule request on a ledger with ``reserve_hold`` (memory), as the
 # middleware's lean path keeps it instead of a ``Reservation``: (reservation id, budget, amount,
-# window, epoch, limit, remaining, reset_ms, lease_ms, now_ms), the fields of the ``Reservation``
-# and its one ``HeldBudget``, which are built from it only when something needs them.
-Hold = tuple[str, Budget, int, int, str, int, int, int | None, int, int]
+# lease_ms, the ledger's ``HoldFacts`` as they came), the fields of the ``Reservation`` and its one
+# ``HeldBudget``, which are built from it only when something needs them.
+Hold = tuple[str, Budget, int, int, HoldFacts]
 
 
 class Finalizer:
@@ -152,7 +152,7 @@ class Finalizer:
 
     def track_hold(self, hold: Hold) -> None:
         """``track`` of the ``Reservation`` of one ``Hold``, which is built only if it is renewed."""
-        due = time.monotonic() + hold[8] / 3000
+        due = time.monotonic() + hold[3] / 3000
         self._inflight[hold[0]] = (hold, due)
         if due < self._wait_until and self._wakeup is not None:
             self._wakeup.set()
@@ -197,7 +197,8 @@ class Finalizer:
         settle = self._settle_hold
         if settle is not None:
             try:
-                outcome = settle(rid, hold[1], hold[3], hold[4], actual)
+                facts = hold[4]
+                outcome = settle(rid, hold[1], facts[0], facts[1], actual)
             except Exception:
                 logger.exception("budget: settling %s failed; queued", rid)
             else:
@@ -804,14 +805,14 @@ class Finalizer:
 
 
 def _held_of(hold: Hold) -> HeldBudget:
-    _, budget, amount, window, epoch, limit, remaining, reset_ms, _, _ = hold
+    _, budget, amount, _, (window, epoch, limit, remaining, reset_ms, *_) = hold
     return HeldBudget(budget, amount, window, epoch, limit, remaining, reset_ms)
 
 
 def _reservation_of(r: Reservation | Hold) -> Reservation:
     if isinstance(r, Reservation):
         return r
-    return Reservation(r[0], (_held_of(r),), r[8], r[9])
+    return Reservation(r[0], (_held_of(r),), r[3], r[4][8])
 
 
 def _settlement_of(hold: Hold, actual: int, reason: str, context: object, trace_id: str) -> Settlement:

@@ -188,6 +188,13 @@ class KeySource:
 def header_id(scope: MutableMapping[str, Any], name: bytes, source: KeySource) -> str | bytes | None:
     """The id in header ``name`` (lowercase bytes) for ``source``, as ``extract`` finds it:
     ``_single(_header_values(...))`` in one pass without lists, since it runs on every request."""
+    value = header_value(scope, name, source)
+    return None if value is None else plain_id(value)
+
+
+def header_value(scope: MutableMapping[str, Any], name: bytes, source: KeySource) -> bytes | None:
+    """``header_id`` before decoding: the header's stripped bytes, or None. A cache of budgets can
+    be keyed by these bytes, which spares a returning client's id the decode (``plain_id``)."""
     found = b""
     size = len(name)
     for key, value in scope.get("headers") or ():
@@ -196,12 +203,15 @@ def header_id(scope: MutableMapping[str, Any], name: bytes, source: KeySource) -
             value = value.strip()
             if not value or value == found:
                 continue
-            if found:  # a repeat that disagrees: let _single count them and raise
-                return _single(_header_values(scope, name), source)
+            if found:  # a repeat that disagrees: _single counts them and raises
+                _single(_header_values(scope, name), source)
             found = value
-    if not found:
-        return None
-    return found.decode("ascii") if found.isascii() else found
+    return found or None
+
+
+def plain_id(value: bytes) -> str | bytes:
+    """An id's bytes decoded when they are plain ASCII, else the bytes themselves."""
+    return value.decode("ascii") if value.isascii() else value
 
 
 def _header_values(scope: MutableMapping[str, Any], name: bytes) -> list[bytes]:
@@ -217,7 +227,4 @@ def _single(values: list[bytes], source: KeySource) -> str | bytes | None:
         return None
     if any(v != values[0] for v in values[1:]):
         raise AmbiguousEntity(f"{source} was sent {len(values)} times with different values")
-    raw = values[0]
-    if raw.isascii():
-        return raw.decode("ascii")
-    return raw
+    return plain_id(values[0])

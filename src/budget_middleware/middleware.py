@@ -28,7 +28,7 @@ from .costs import EstimateError, Estimator, estimate_micros
 from .finalizer import Finalizer, Hold
 from .handle import RequestBudget, charge_micros, get_reservation
 from .journal import Journal
-from .keys import AmbiguousEntity, Budget, EntityHasher, KeySource, header_id
+from .keys import AmbiguousEntity, Budget, EntityHasher, KeySource, header_value, plain_id
 from .ledger import (
     HeldBudget,
     HoldRequest,
@@ -131,13 +131,17 @@ class BudgetMiddleware:
         # ... and one that also reserves and settles one hold without the request and result
         # objects (memory) serves one-rule requests on a lean path while no telemetry SDK is
         # installed: see ``__call__``.
-        self._reserve_hold: Callable[[str, Budget, int, int, int], Any] | None = (
+        self._reserve_hold: Callable[[str, Budget, int, int, int, int], Any] | None = (
             getattr(self.ledger, "reserve_hold", None)
             if self._reserve_now is not None
             and fast_path(self.ledger, "reserve_hold", "reserve_now")
             and self.finalizer.settles_holds
             and self.finalizer.ledger is self.ledger
             else None
+        )
+        # The ledger's clock, whose one read makes the lean path's reservation id and its reserve.
+        self._ledger_now: Callable[[], int] | None = (
+            getattr(self.ledger, "now", None) if self._reserve_hold is not None else None
         )
         self._estimator = estimate
         self._identify = identify
@@ -153,6 +157,9 @@ class BudgetMiddleware:
         # credential if that source is.
         self._secret = tuple(r.secret or (r.source is not None and r.source.secret) for r in self._rules)
         self._budgets: tuple[dict[str | bytes | None, Budget], ...] = tuple({} for _ in self._rules)
+        # ... and the same budgets by a header's bytes as they arrive, for a rule keyed on a header
+        # that is not a credential: a returning client's id is then not even decoded.
+        self._header_budgets: tuple[dict[bytes, Budget], ...] = tuple({} for _ in self._rules)
         # The RateLimit parts of the lean path, per rule name: (limit, policy header, start).
         self._hold_heads: dict[str, tuple[int, tuple[bytes, bytes], bytes]] = {}
         self._header_names = tuple(
@@ -336,32 +343,36 @@ class BudgetMiddleware:
             receive = _replaying(body_read, receive)
 
         # 3. Reserve every rule at once.
-        rid = new_reservation_id()
         reservation: Reservation | None = None
         hold: Hold | None = None
         span_context: object = INVALID_SPAN_CONTEXT
         if self._reserve_hold is not None and len(wanted) == 1 and telemetry_off(tracer):
             # The lean path: then the reserve span and the metrics would do nothing, and neither
-            # the HoldRequest nor the Reservation is needed (see MemoryLedger.reserve_hold).
+            # the HoldRequest nor the Reservation is needed (see MemoryLedger.reserve_hold). The
+            # id and the reserve share one read of the ledger's clock.
+            assert self._ledger_now is not None
+            now = self._ledger_now()
+            rid = new_reservation_id(now)
             rule, budget = wanted[0]
             lease_ms = self._lease_ms
-            got = self._reserve_hold(rid, budget, rule.limit_micros, estimate, lease_ms)
+            got = self._reserve_hold(rid, budget, rule.limit_micros, estimate, lease_ms, now)
             if isinstance(got, Rejection):
                 rejection: Rejection | None = got
             else:
                 rejection = None
-                window, epoch, limit, remaining, reset_ms, _, _, _, now = got
-                hold = (rid, budget, estimate, window, epoch, limit, remaining, reset_ms, lease_ms, now)
+                hold = (rid, budget, estimate, lease_ms, got)
                 # hold_headers, with the parts that depend on the rule and its limit kept per
-                # rule name.
+                # rule name. ``got`` is (window, epoch, limit, remaining, reset_ms, ..., now).
+                limit = got[2]
                 head = self._hold_heads.get(budget.rule)
                 if head is None or head[0] != limit:
                     head = (limit, *hold_head(budget.rule, limit, budget.period_ms))
                     self._hold_heads[budget.rule] = head
-                headers = headers_from_head(head[1], head[2], remaining, reset_ms, now)
+                headers = headers_from_head(head[1], head[2], got[3], got[4], got[8])
                 if self.finalizer.on_settled is not None:  # it sees the request's trace id
                     span_context = trace.get_current_span().get_span_context()
         else:
+            rid = new_reservation_id()
             requests = []
             for rule, budget in wanted:
                 requests.append(HoldRequest(budget, rule.limit_micros, estimate))
@@ -473,9 +484,9 @@ class BudgetMiddleware:
         one = self._one_header
         if one is not None:  # one rule, a header that is not a credential: the common case
             rule, name, source = one
-            raw = header_id(scope, name, source)
-            if raw:
-                budget = self._budgets[0].get(raw)
+            value = header_value(scope, name, source)
+            if value is not None:
+                budget = self._header_budgets[0].get(value)
                 if budget is not None:
                     return [(rule, budget)]
         wanted: list[tuple[Rule, Budget]] = []
@@ -483,15 +494,22 @@ class BudgetMiddleware:
             assert rule.source is not None
             header = self._header_names[i]
             if header is None:
-                raw = rule.source.extract(scope)
-            else:
-                raw = header_id(scope, header, rule.source)
-                if raw and not self._secret[i]:
-                    budget = self._budgets[i].get(raw)
-                    if budget is not None:
-                        wanted.append((rule, budget))
-                        continue
-            self._want(wanted, i, rule, raw)
+                self._want(wanted, i, rule, rule.source.extract(scope))
+                continue
+            value = header_value(scope, header, rule.source)
+            if value is None:
+                self._want(wanted, i, rule, None)
+                continue
+            secret = self._secret[i]
+            if not secret:
+                budget = self._header_budgets[i].get(value)
+                if budget is not None:
+                    wanted.append((rule, budget))
+                    continue
+            budget = self._budget(i, plain_id(value))
+            if not secret:
+                _keep(self._header_budgets[i], value, budget)
+            wanted.append((rule, budget))
         return wanted
 
     async def _resolve(self, scope: Scope, request: Request | None) -> list[tuple[Rule, Budget]]:
@@ -546,10 +564,7 @@ class BudgetMiddleware:
                 token = _ANONYMOUS if raw is None else self.hasher.token(raw)
             rule = self._rules[i]
             budget = Budget(rule.name, token, rule.period_ms)
-            if key is None or len(key) <= _CACHED_ID_LENGTH:
-                if len(cache) >= _BUDGET_CACHE:
-                    cache.clear()
-                cache[key] = budget
+            _keep(cache, key, budget)
         return budget
 
     async def _reserve(
@@ -772,6 +787,15 @@ _OUTCOME_ATTRS = {
 # kept: 4096 x 128 bytes per rule at most.
 _BUDGET_CACHE = 4096
 _CACHED_ID_LENGTH = 128
+
+
+def _keep(cache: dict[Any, Budget], key: str | bytes | None, budget: Budget) -> None:
+    """Keep ``budget`` in a budget cache under ``key``, unless the key is long; a full cache is
+    emptied first, so it stays bounded whatever ids clients send."""
+    if key is None or len(key) <= _CACHED_ID_LENGTH:
+        if len(cache) >= _BUDGET_CACHE:
+            cache.clear()
+        cache[key] = budget
 
 
 def _recording_request(scope: Scope, receive: Receive, body_read: list[Message]) -> Request:

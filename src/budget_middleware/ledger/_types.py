@@ -12,6 +12,7 @@ from ..keys import Budget
 
 __all__ = [
     "HeldBudget",
+    "HoldFacts",
     "HoldRequest",
     "Ledger",
     "LedgerError",
@@ -39,6 +40,11 @@ _OUTCOME_RANK: dict[SettleOutcome, int] = {
     "applied": 3,
     "duplicate": 4,
 }
+
+# One hold taken by ``MemoryLedger.reserve_hold``: its window, epoch, limit (after any override),
+# remaining, reset time (None for a lifetime budget), the expired holds purged first (count, ids),
+# whether the reservation id was already held (a replay), and the ledger's time.
+HoldFacts = tuple[int, str, int, int, int | None, int, tuple[str, ...], bool, int]
 
 _HEX = frozenset("0123456789abcdef")
 _random_bits = random.getrandbits

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..keys import Budget
 from ._types import (
     HeldBudget,
+    HoldFacts,
     HoldRequest,
     Rejection,
     Renewed,
@@ -36,12 +37,6 @@ DAY_MS = 86_400_000
 # dead entries outnumber live ones by this much, the heap is rebuilt from the live holds, so it
 # stays bounded by the holds in flight instead of growing with every request of a lease.
 _HEAP_SLACK = 64
-
-
-# One hold taken by ``MemoryLedger.reserve_hold``: its window, epoch, limit (after any override),
-# remaining, reset time (None for a lifetime budget), the expired holds purged first (count, ids),
-# whether the reservation id was already held (a replay), and the ledger's time.
-HoldFacts = tuple[int, str, int, int, int | None, int, tuple[str, ...], bool, int]
 
 
 _time_ns = time.time_ns
@@ -227,16 +222,31 @@ class MemoryLedger:
             reservation_id, tuple(held), lease_ms, now, purged, tuple(expired_ids), replay
         )
 
+    def now(self) -> int:
+        """The ledger's time, epoch ms: what its operations read from its clock."""
+        clock = self._clock
+        return _time_ns() // 1_000_000 if clock is _wall_clock_ms else clock()
+
     def reserve_hold(
-        self, reservation_id: str, budget: Budget, limit: int, amount: int, lease_ms: int
+        self,
+        reservation_id: str,
+        budget: Budget,
+        limit: int,
+        amount: int,
+        lease_ms: int,
+        now: int | None = None,
     ) -> HoldFacts | Rejection:
         """Reserve one hold synchronously, without the request and result objects: what a
         middleware with one rule needs on every request, and ``reserve_now`` of one hold. Returns
-        the hold's facts (``HoldFacts``), or the ``Rejection``."""
+        the hold's facts (``HoldFacts``), or the ``Rejection``.
+
+        ``now``, read from ``self.now()`` just before, lets a caller make the reservation id
+        (``new_reservation_id(now)``) from the same clock read as the reserve."""
         if not 0 < lease_ms <= self.horizon_ms:
             check_lease(lease_ms, self.horizon_ms)
-        clock = self._clock
-        now = _time_ns() // 1_000_000 if clock is _wall_clock_ms else clock()
+        if now is None:
+            clock = self._clock
+            now = _time_ns() // 1_000_000 if clock is _wall_clock_ms else clock()
         self._ops += 1
         if self._ops % 10_000 == 0:
             self._sweep(now)
