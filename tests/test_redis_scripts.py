@@ -786,10 +786,46 @@ class TestOneBudgetCommonCase:
         reply = await ledger._eval(
             "reserve", [key(ledger, a)], ["h:" + new_reservation_id(), 1000, DAY_MS, DAY_MS, 100, 41]
         )
-        assert reply[0] == 0
-        assert reply[2] == 0
-        assert reply[3:] == [100, 0, 60, 0]
+        status, _, _, epoch, override, held, spent = reply.split(" ")
+        assert (status, epoch, override, held, spent) == ("0", before["epoch"], "-", "60", "0")
         assert await fields(ledger, a) == before
+
+    async def test_the_reply_is_what_was_read(self, make_ledger: Any) -> None:
+        ledger = await make_ledger()
+        a = budget("r:a")
+        first = await admit(ledger, a, 60)
+        await ledger.settle(settlement(first, 25))
+        await admit(ledger, a, 5)  # held: 5, spent: 25
+        await ledger.client().hset(key(ledger, a), "limit", 500)
+        reply = await ledger._eval(
+            "reserve", [key(ledger, a)], ["h:" + new_reservation_id(), 1000, DAY_MS, DAY_MS, 100, 30]
+        )
+        status, seconds, micros, epoch, override, held, spent = reply.split(" ")
+        assert (status, epoch, override, held, spent) == ("1", first.holds[0].epoch, "500", "5", "25")
+        now = int(seconds) * 1000 + int(micros) // 1000
+        assert abs(now - await server_ms(ledger)) < 5_000
+
+    async def test_the_ledger_works_out_the_same_reservation_from_either_reply(
+        self, make_ledger: Any
+    ) -> None:
+        ledger = await make_ledger()
+        a = budget("r:a")
+        r = await admit(ledger, a, 60)
+        await ledger.settle(settlement(r, 25))
+        common = await admit(ledger, a, 10)  # the state exists: the common case
+        await ledger.client().hset(key(ledger, a), "pa", 0)  # a purge pass due: the general path
+        general = await admit(ledger, a, 10)
+        for got in (common, general):
+            (hold,) = got.holds
+            assert (hold.epoch, hold.limit, hold.amount) == (r.holds[0].epoch, LIMIT, 10)
+            assert hold.window == a.window_of(got.now_ms)
+            assert hold.reset_ms == a.reset_ms(hold.window)
+        assert common.holds[0].remaining == LIMIT - 25 - 10
+        assert general.holds[0].remaining == LIMIT - 25 - 20
+        rejected = await ledger.reserve(new_reservation_id(), [HoldRequest(a, 50, 30)], 1000)
+        assert isinstance(rejected, Rejection)
+        (v,) = rejected.violations
+        assert (v.limit, v.spent, v.held, v.amount) == (50, 25, 20, 30)
 
     async def test_a_ttl_running_short_is_armed_again(self, make_ledger: Any) -> None:
         ledger = await make_ledger()

@@ -119,6 +119,30 @@ def _load_scripts() -> dict[str, _Script]:
     return {n: _Script(n, prelude, helpers) for n in names}
 
 
+def _common_reserve_result(
+    reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int, reply: str
+) -> Reservation | Rejection:
+    """The reply of one budget's common case (reserve.lua): a string of what the script read,
+    '<status> <TIME s> <TIME us> <epoch> <limit override or -> <held> <spent>', from which the
+    limit and what remains are worked out as the script did."""
+    try:
+        (h,) = holds
+        status, seconds, micros, epoch, override, held_text, spent_text = reply.split(" ")
+        now = int(seconds) * 1000 + int(micros) // 1000
+        limit = h.limit if override == "-" else int(override)
+        held, spent = max(0, int(held_text)), int(spent_text)
+    except ValueError:
+        raise LedgerError(f"unexpected reserve reply {reply!r}") from None
+    budget = h.budget
+    window = budget.window_of(now)
+    if status == "0":
+        violation = Violation(budget, limit, spent, held, h.amount, budget.reset_ms(window), now)
+        return Rejection(reservation_id, (violation,), 0, ())
+    remaining = limit - spent - held - h.amount
+    hold = HeldBudget(budget, h.amount, window, epoch, limit, remaining, budget.reset_ms(window))
+    return Reservation(reservation_id, (hold,), lease_ms, now, 0, (), False)
+
+
 def _wrap(exc: BaseException) -> LedgerError:
     if isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError)):
         return LedgerUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}")
@@ -344,6 +368,8 @@ class RedisLedger:
     def _reserve_result(
         self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int, reply: Any
     ) -> Reservation | Rejection:
+        if isinstance(reply, str):
+            return _common_reserve_result(reservation_id, holds, lease_ms, reply)
         # One flat array: status, now, k, k expired ids, then a row per budget (reserve.lua).
         status, now, k = int(reply[0]), int(reply[1]), int(reply[2])
         expired = tuple(str(x) for x in reply[3 : 3 + k])

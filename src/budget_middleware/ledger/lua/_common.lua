@@ -27,20 +27,22 @@
 local PURGE_BATCH = 64
 local NEVER = 9007199254740991 -- 2^53 - 1
 
--- The one helper every script may need before its common case returns (the rest are in
--- _helpers.lua).
+-- The one helper a script may need before its common case returns (the rest are in _helpers.lua).
 -- Makes sure the hash outlives a write at `at` (ms) by the horizon, and the spend of `window` (for a
 -- `period` > 0) until that window has ended; when it does not, arms its TTL a horizon further.
 -- `armed` is the hash's `ttl` field (-1: persistent, left so). Appends the field to `writes`;
 -- returns the time to PEXPIREAT after the caller's HSET, or nil.
 local function arm(armed, at, horizon, window, period, writes)
-  local need, armed_to = at + horizon, at + 2 * horizon
-  if period > 0 then
-    need = math.max(need, window + period)
-    armed_to = math.max(armed_to, window + period + horizon)
+  local need = at + horizon
+  if period > 0 and window + period > need then
+    need = window + period
   end
   if armed == -1 or armed >= need then
     return nil
+  end
+  local armed_to = at + 2 * horizon
+  if period > 0 and window + period + horizon > armed_to then
+    armed_to = window + period + horizon
   end
   writes[#writes + 1] = 'ttl'
   writes[#writes + 1] = string.format('%d', armed_to)

@@ -6,13 +6,17 @@
 --   status 1 admitted, 2 admitted before (a retried reserve: nothing added): epoch, limit,
 --     remaining after
 --   status 0 rejected: limit, spent, held, admissible 1|0
+-- or, for one budget's common case (below), one string of what was read, as Redis sent it:
+--   '<status 1|0> <TIME seconds> <TIME microseconds> <epoch> <limit override, or -> <held> <spent>'
+--   (held and spent before this hold; the caller works out now, the limit and what remains).
 -- A budget's window is the caller's to work out from `now` and its period.
 --
 -- This runs on every request, and on Redis most of its cost is the machinery around the logic,
 -- so the common path keeps that small: numbers are read by arithmetic (`s + 0`, one conversion,
 -- where tonumber() makes two), the HMGET asks only for what every reserve needs, tables are built
 -- whole rather than grown, and the reply is one flat array (the server looks up special fields in
--- every table it turns into a reply).
+-- every table it turns into a reply). The common case's reply is a string made of strings only:
+-- a table reply, or a number turned into text, costs more than any other line of it.
 --
 -- The common case, one budget whose state exists, with no purge pass due and not a retry, is
 -- served first, before the helpers are defined (see _common.lua); anything else goes on to the
@@ -88,8 +92,10 @@ if n == 1 then
     end
     local limit = v[3] and v[3] + 0 or default
     local spent = v[6] and v[6] + 0 or 0
+    local read = ' ' .. time[1] .. ' ' .. time[2] .. ' ' .. v[2] .. ' ' .. (v[3] or '-') .. ' '
+      .. (v[1] or '0') .. ' ' .. (v[6] or '0')
     if not (limit - spent - held > 0 and spent + held + amount <= limit) then
-      return {0, now, 0, limit, spent, held, 0}
+      return '0' .. read
     end
     local expiry = now + lease
     local writes = {hold, string.format('%d:%d', expiry, amount), 'held', string.format('%d', held + amount)}
@@ -103,7 +109,7 @@ if n == 1 then
       writes[6] = string.format('%d', due)
     end
     write_hold(key, v, expiry, window, period, writes)
-    return {1, now, 0, v[2], limit, limit - spent - held - amount}
+    return '1' .. read
   end
   first = v
 end
