@@ -786,7 +786,7 @@ class TestOneBudgetCommonCase:
         reply = await ledger._eval(
             "reserve", [key(ledger, a)], ["h:" + new_reservation_id(), 1000, DAY_MS, DAY_MS, 100, 41]
         )
-        status, _, _, epoch, override, held, spent = reply.split(" ")
+        status, _, _, override, held, spent, epoch = reply.split(" ", 6)
         assert (status, epoch, override, held, spent) == ("0", before["epoch"], "-", "60", "0")
         assert await fields(ledger, a) == before
 
@@ -800,10 +800,21 @@ class TestOneBudgetCommonCase:
         reply = await ledger._eval(
             "reserve", [key(ledger, a)], ["h:" + new_reservation_id(), 1000, DAY_MS, DAY_MS, 100, 30]
         )
-        status, seconds, micros, epoch, override, held, spent = reply.split(" ")
+        status, seconds, micros, override, held, spent, epoch = reply.split(" ", 6)
         assert (status, epoch, override, held, spent) == ("1", first.holds[0].epoch, "500", "5", "25")
         now = int(seconds) * 1000 + int(micros) // 1000
         assert abs(now - await server_ms(ledger)) < 5_000
+
+    async def test_an_id_with_spaces_makes_an_epoch_the_reply_still_carries(
+        self, make_ledger: Any
+    ) -> None:
+        ledger = await make_ledger()
+        a = budget("r:a")
+        made = await admit(ledger, a, 1, rid="an id  with spaces")
+        again = await admit(ledger, a, 1)  # the common case: its reply ends with that epoch
+        assert made_by(made.holds[0].epoch, "an id  with spaces")
+        assert again.holds[0].epoch == made.holds[0].epoch
+        assert again.holds[0].remaining == LIMIT - 2
 
     async def test_the_ledger_works_out_the_same_reservation_from_either_reply(
         self, make_ledger: Any

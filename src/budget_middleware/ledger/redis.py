@@ -123,11 +123,12 @@ def _common_reserve_result(
     reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int, reply: str
 ) -> Reservation | Rejection:
     """The reply of one budget's common case (reserve.lua): a string of what the script read,
-    '<status> <TIME s> <TIME us> <epoch> <limit override or -> <held> <spent>', from which the
-    limit and what remains are worked out as the script did."""
+    '<status> <TIME s> <TIME us> <limit override or -> <held> <spent> <epoch>', from which the
+    limit and what remains are worked out as the script did (the epoch holds a reservation id,
+    which may be any string: it comes last)."""
     try:
         (h,) = holds
-        status, seconds, micros, epoch, override, held_text, spent_text = reply.split(" ")
+        status, seconds, micros, override, held_text, spent_text, epoch = reply.split(" ", 6)
         now = int(seconds) * 1000 + int(micros) // 1000
         limit = h.limit if override == "-" else int(override)
         held, spent = max(0, int(held_text)), int(spent_text)

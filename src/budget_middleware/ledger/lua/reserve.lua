@@ -7,8 +7,9 @@
 --     remaining after
 --   status 0 rejected: limit, spent, held, admissible 1|0
 -- or, for one budget's common case (below), one string of what was read, as Redis sent it:
---   '<status 1|0> <TIME seconds> <TIME microseconds> <epoch> <limit override, or -> <held> <spent>'
---   (held and spent before this hold; the caller works out now, the limit and what remains).
+--   '<status 1|0> <TIME seconds> <TIME microseconds> <limit override, or -> <held> <spent> <epoch>'
+--   (held and spent before this hold; the caller works out now, the limit and what remains; the
+--   epoch comes last, as it holds a reservation id, which may be any string).
 -- A budget's window is the caller's to work out from `now` and its period.
 --
 -- This runs on every request, and on Redis most of its cost is the machinery around the logic,
@@ -92,8 +93,8 @@ if n == 1 then
     end
     local limit = v[3] and v[3] + 0 or default
     local spent = v[6] and v[6] + 0 or 0
-    local read = ' ' .. time[1] .. ' ' .. time[2] .. ' ' .. v[2] .. ' ' .. (v[3] or '-') .. ' '
-      .. (v[1] or '0') .. ' ' .. (v[6] or '0')
+    local read = ' ' .. time[1] .. ' ' .. time[2] .. ' ' .. (v[3] or '-') .. ' ' .. (v[1] or '0')
+      .. ' ' .. (v[6] or '0') .. ' ' .. v[2]
     if not (limit - spent - held > 0 and spent + held + amount <= limit) then
       return '0' .. read
     end
