@@ -7,11 +7,13 @@ the same fields in Lua and replies with the numbers. Each test here makes two bu
 state and forces one through the general path (``pa`` 0: a purge pass under way), so a difference
 between the two is a difference between the paths.
 
-``TestAnOverrideIsReadAsTheScriptReadsIt`` shows a defect: Lua reads the ``limit`` override with
-``s + 0``, which takes any Lua number ('1000.0', '1e3', ' 1000', '0x3e8'; ``limit.lua`` stores any
-value ``tonumber`` accepts), and admits or refuses with it; the Python parse reads it with ``int()``
-and, for anything but a canonical integer, raises ``LedgerError`` after the script has already
-decided (and, when it admitted, written the hold). The general path answers with limit 1000.
+``TestAnOverrideIsReadAsTheScriptReadsIt`` shows a defect, now fixed: Lua reads the ``limit``
+override with ``s + 0``, which takes any Lua number ('1000.0', '1e3', ' 1000', '0x3e8'; ``limit.lua``
+stored any value ``tonumber`` accepted), and admits or refuses with it; the common case's reply
+carried the override as stored, and the Python parse, ``int()``, raised ``LedgerError`` for anything
+but a canonical integer after the script had decided (and, when it admitted, written the hold). The
+common case now sends the number it read, ``limit.lua`` stores only integers as Redis writes them
+and ``set_limit`` refuses anything but an int of micro-units.
 """
 
 from __future__ import annotations
@@ -113,15 +115,28 @@ class TestAnOverrideIsReadAsTheScriptReadsIt:
             views.append((v.limit, v.spent, v.held, v.amount))
         assert views == [(1000, 0, 1, 2000), (1000, 0, 1, 2000)]
 
-    async def test_a_float_override_set_through_set_limit_keeps_the_budget_usable(
-        self, make_ledger: Any
+    @pytest.mark.parametrize(
+        "bad", [1000.0, True, -1, 2**53, "1000"], ids=["float", "bool", "negative", "huge", "str"]
+    )
+    async def test_set_limit_refuses_what_is_not_an_int_of_micro_units(
+        self, make_ledger: Any, bad: object
     ) -> None:
-        """``set_limit`` does not check its value: a float reaches Redis as '1000.0', which
-        limit.lua stores and the old script read as 1000. With the common case, every reserve of
-        the budget (one rule, state made, no pass due) now raises ``LedgerError``."""
+        """A float once reached Redis as '1000.0', which limit.lua stored; now ``set_limit``
+        refuses it and anything else that is not an amount in micro-units, and writes nothing."""
         ledger = await make_ledger()
         a = budget("r:a")
         await admit(ledger, a, 1)
-        await ledger.set_limit(a, cast(Any, 1000.0))
-        r = await admit(ledger, a, 10)
-        assert (r.holds[0].limit, r.holds[0].remaining) == (1000, 989)
+        before = await fields(ledger, a)
+        with pytest.raises(ValueError, match="limit"):
+            await ledger.set_limit(a, cast(Any, bad))
+        assert await fields(ledger, a) == before
+
+    @pytest.mark.parametrize("stored", ["1000.0", "1e3", " 1000", "-5", "9007199254740992"])
+    async def test_the_limit_script_stores_only_integers_as_redis_writes_them(
+        self, make_ledger: Any, stored: str
+    ) -> None:
+        ledger = await make_ledger()
+        a = budget("r:a")
+        with pytest.raises(Exception, match="bad arguments"):
+            await ledger._eval("limit", [key(ledger, a)], [stored, DAY_MS, DAY_MS])
+        assert await fields(ledger, a) == {}

@@ -59,6 +59,15 @@ def to_micros(value: Amount, *, what: str = "amount") -> int:
     return micros
 
 
+def check_micros(value: object, *, what: str = "amount") -> int:
+    """``value`` if it is already an amount in micro-units (an ``int``, not a ``bool``, from 0 to
+    the largest exact amount); else a ``ValueError`` that names it. For the ledger's own calls,
+    which take micro-units; ``to_micros`` converts what users write."""
+    if type(value) is not int or not 0 <= value <= _MAX_MICROS:
+        raise ValueError(f"{what} must be an int of micro-units from 0 to {_MAX_MICROS}, got {value!r}")
+    return value
+
+
 def format_micros(micros: int) -> str:
     """Format micro-units as a plain decimal string: 1_500_000 -> "1.5", 0 -> "0"."""
     sign = "-" if micros < 0 else ""

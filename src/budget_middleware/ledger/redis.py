@@ -23,6 +23,7 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ..amounts import check_micros
 from ..keys import Budget, KeyLayout
 from ._types import (
     HeldBudget,
@@ -534,6 +535,8 @@ class RedisLedger:
         )
 
     async def set_limit(self, budget: Budget, limit: int | None) -> None:
+        if limit is not None:
+            check_micros(limit, what="limit")
         args = ["" if limit is None else limit, budget.period_ms, self.horizon_ms]
         await self._eval("limit", [self._key(budget)], args)
 

@@ -7,7 +7,10 @@
 local limit = ARGV[1]
 local period = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[3])
-if #KEYS ~= 1 or period == nil or horizon == nil or (limit ~= '' and tonumber(limit) == nil) then
+-- An override is stored as an integer as Redis writes them (reserve's common case hands it back as
+-- it is stored), of at most 2^53 - 1.
+if #KEYS ~= 1 or period == nil or horizon == nil or not (limit == '' or limit == '0'
+    or (string.find(limit, '^[1-9]%d*$') and limit + 0 <= NEVER)) then
   return redis.error_reply('ERR budget limit: bad arguments')
 end
 local key = KEYS[1]

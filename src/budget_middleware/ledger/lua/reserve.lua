@@ -93,8 +93,9 @@ if n == 1 then
     end
     local limit = v[3] and v[3] + 0 or default
     local spent = v[6] and v[6] + 0 or 0
-    local read = ' ' .. time[1] .. ' ' .. time[2] .. ' ' .. (v[3] or '-') .. ' ' .. (v[1] or '0')
-      .. ' ' .. (v[6] or '0') .. ' ' .. v[2]
+    -- An override is sent as the number read, whatever text an older version stored it as.
+    local read = ' ' .. time[1] .. ' ' .. time[2] .. ' ' .. (v[3] and string.format('%d', limit) or '-')
+      .. ' ' .. (v[1] or '0') .. ' ' .. (v[6] or '0') .. ' ' .. v[2]
     if not (limit - spent - held > 0 and spent + held + amount <= limit) then
       return '0' .. read
     end
