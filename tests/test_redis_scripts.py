@@ -198,6 +198,8 @@ class TestRegressions:
             pytest.param("-5", "5.0", id="actual-5.0"),
             pytest.param("-5", "5e0", id="actual-exponent"),
             pytest.param("-5", " 5", id="actual-leading-space"),
+            pytest.param("-5", "1" + "0" * 25, id="actual-out-of-range"),
+            pytest.param("-1" + "0" * 25, "5", id="release-out-of-range"),
         ],
     )
     async def test_a_settle_with_a_non_canonical_integer_writes_nothing(

@@ -32,7 +32,7 @@ end
 -- `x >= 0 and x <= NEVER` also refuses 'nan' and 'inf'.
 local lease, horizon = ARGV[2] + 0, ARGV[3] + 0
 local bad = not (lease >= 0 and lease <= NEVER and horizon >= 0 and horizon <= NEVER)
-local period, default, amount -- of the first budget
+local period, default, amount -- of the last budget checked (the common case has one)
 for i = 1, n do
   local a = 3 + 3 * (i - 1)
   period, default, amount = ARGV[a + 1] + 0, ARGV[a + 2] + 0, ARGV[a + 3] + 0

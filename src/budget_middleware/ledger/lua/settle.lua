@@ -20,12 +20,14 @@ end
 -- the horizon and periods need only be numbers (`s + 0` raises on anything else).
 local actual = ARGV[2]
 local horizon = ARGV[3] + 0
-local bad = not (actual == '0' or string.find(actual, '^[1-9]%d*$')) or not (horizon >= 0 and horizon <= NEVER)
+-- Lengths are bounded too, so no HINCRBY can fail on an out-of-range number after the HDEL.
+local bad = not (actual == '0' or #actual <= 16 and string.find(actual, '^[1-9]%d*$'))
+  or not (horizon >= 0 and horizon <= NEVER)
 actual = actual + 0
 for i = 1, n do
   local a = 3 + 4 * (i - 1)
   local release, spent_field, period = ARGV[a + 1], ARGV[a + 2], ARGV[a + 4] + 0
-  if not (release == '0' or string.find(release, '^%-[1-9]%d*$'))
+  if not (release == '0' or #release <= 17 and string.find(release, '^%-[1-9]%d*$'))
       or not (spent_field == '' and actual == 0 or string.find(spent_field, '^s:%d+$'))
       or not (period >= 0 and period <= NEVER) then
     bad = true
