@@ -721,7 +721,7 @@ class _MeteredRequest(RequestBudget):
         final = False
         if kind == "http.response.start":
             self.status = message["status"]
-            self.expect_trailers = bool(message.get("trailers", False))
+            self.expect_trailers = message.get("trailers", False)  # read for its truth only
             raw = message.get("headers", ())
             # Every response passes here: the headers are copied as they are unless one could be
             # the charge header (only a name of its length can be) or is not a tuple, which
@@ -733,8 +733,12 @@ class _MeteredRequest(RequestBudget):
                     headers += self._budget_headers
                     break
             else:
-                headers = [*raw, *self._budget_headers]
-            message = dict(message)  # a copy: the app's own message is left as it was
+                # A list (what frameworks send) is concatenated: cheaper than unpacking both.
+                headers = (
+                    raw + self._budget_headers if type(raw) is list else [*raw, *self._budget_headers]
+                )
+            # A copy: the app's own message is left as it was (dict.copy is the cheaper copy).
+            message = message.copy() if type(message) is dict else dict(message)
             message["headers"] = headers
         elif kind == "http.response.body":
             final = not message.get("more_body", False) and not self.expect_trailers

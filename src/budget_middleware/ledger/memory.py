@@ -245,8 +245,7 @@ class MemoryLedger:
         if not 0 < lease_ms <= self.horizon_ms:
             check_lease(lease_ms, self.horizon_ms)
         if now is None:
-            clock = self._clock
-            now = _time_ns() // 1_000_000 if clock is _wall_clock_ms else clock()
+            now = self.now()
         self._ops += 1
         if self._ops % 10_000 == 0:
             self._sweep(now)
@@ -271,16 +270,19 @@ class MemoryLedger:
             limit = self._limits.get(key, limit)
         spent = st.spent.get(window, 0)
         replay = reservation_id in st.holds
+        # What the limit leaves before this hold, worked out once for the check and the remaining
+        # (amounts and times are big ints here, whose every operation allocates).
+        left = limit - spent - st.held
         if not replay:
-            if limit - spent - st.held <= 0 or spent + st.held + amount > limit:
+            if left <= 0 or amount > left:  # spent + held + amount > limit
                 violation = Violation(b, limit, spent, st.held, amount, reset_ms, now)
                 return Rejection(reservation_id, (violation,), purged, expired_ids)
             expiry = now + lease_ms
             st.holds[reservation_id] = (expiry, amount)
             heapq.heappush(heap, (expiry, reservation_id))
             st.held += amount
-        remaining = limit - spent - st.held
-        return window, st.epoch, limit, remaining, reset_ms, purged, expired_ids, replay, now
+            left -= amount
+        return window, st.epoch, limit, left, reset_ms, purged, expired_ids, replay, now
 
     def _settle_one(self, s: Settlement, now: int | None = None) -> Settled:
         actual = s.actual
