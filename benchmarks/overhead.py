@@ -17,6 +17,15 @@ reported cost) is measured in up to three ways, every configuration side by side
    per request and as what each configuration adds over bare.
 3. Optionally (``--callgrind``, slow: minutes) the same in-process loop under valgrind's callgrind,
    as instructions per request: a count that CPU contention from other processes cannot inflate.
+4. Optionally (``--callgrind-http``, slow: about a minute per configuration) the uvicorn process
+   itself under callgrind, serving bare, memory (and floor with ``--floor``) over real sockets:
+   an asyncio client outside valgrind sends a fixed number of requests over keep-alive connections
+   (``--callgrind-http-connections``, ids round robin as above), and the instructions per request
+   are the difference of two such runs (``--callgrind-http-requests LO,HI``), so start-up and
+   shutdown cancel out. It counts what wrk's requests/s depend on, the HTTP parser's work and the
+   RateLimit headers' included, without the noise of wall-clock runs; the table adds the
+   throughput ratio the counts imply (bare/this) for a CPU-bound server. The Redis configurations
+   are left out: the redis-server's own work would not be counted.
 
 The rule is ``header:x-user`` with a limit of 10^9 units a day, so nothing is ever rejected; the
 estimate is 0.00001 (10 micro-units), above the charge, so no request overruns. With two or more
@@ -29,6 +38,7 @@ the throughput ratio the server CPU per request implies for a server that is CPU
     .venv/bin/python benchmarks/overhead.py                    # starts its own redis-server
     .venv/bin/python benchmarks/overhead.py --rounds 2 --duration 6 --tracing --profile
     .venv/bin/python benchmarks/overhead.py --no-http --no-inproc --callgrind --tracing
+    .venv/bin/python benchmarks/overhead.py --no-http --no-inproc --no-redis --no-hot --callgrind-http
     .venv/bin/python benchmarks/overhead.py --redis-url redis://localhost:6379/15 --duration 5
 
 With ``--redis-url`` nothing is flushed: the benchmark's keys (prefix ``overheadbench``) stay
@@ -381,8 +391,15 @@ class Server:
 
 @contextlib.contextmanager
 def uvicorn_server(
-    cfg: Cfg, redis_url: str | None, workdir: Path, cpus: set[int] | None
+    cfg: Cfg,
+    redis_url: str | None,
+    workdir: Path,
+    cpus: set[int] | None,
+    wrapper: tuple[str, ...] = (),
+    ready_s: float = 20,
 ) -> Iterator[Server]:
+    """uvicorn serving ``cfg``, run by ``wrapper`` (valgrind, say) if given; stopped with SIGTERM
+    on exit, and waited for, so the log is complete when the block ends."""
     loop, http = server_choice()
     port = _free_port()
     log = workdir / f"uvicorn-{cfg.name}.log"
@@ -394,7 +411,7 @@ def uvicorn_server(
         "OVERHEAD_STATS": "1",
     }
     cmd = [
-        sys.executable, "-m", "uvicorn", "overhead:create_app", "--factory",
+        *wrapper, sys.executable, "-m", "uvicorn", "overhead:create_app", "--factory",
         "--app-dir", str(BENCH_DIR),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--loop", loop, "--http", http, "--lifespan", "on",
@@ -406,11 +423,11 @@ def uvicorn_server(
         )
     server = Server(proc, port, log)
     try:
-        _wait_ready(server)
+        _wait_ready(server, ready_s)
         yield server
     finally:
         # SIGTERM: graceful, the lifespan shutdown drains the finalizer and prints the stats.
-        _stop(proc)
+        _stop(proc, timeout=15 if not wrapper else 120)
 
 
 def _wait_ready(server: Server, timeout: float = 20) -> None:
@@ -924,17 +941,79 @@ def callgrind_all(cfgs: list[Cfg], redis_url: str | None, args: argparse.Namespa
     return out
 
 
-def callgrind_table(results: list[IrResult]) -> str:
+def callgrind_table(results: list[IrResult], throughput: bool = False) -> str:
+    """``throughput``: add the throughput ratio the counts imply, bare/this, for a server that is
+    CPU-bound and spends its instructions at one rate whatever the configuration."""
     base = next((r for r in results if r.cfg.backend == "bare"), None)
     head = "| config | users | instructions/req | added over bare | vs bare |"
+    if throughput:
+        head += " implied throughput vs bare |"
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         added = "-" if base is None or r is base else f"{r.per_request - base.per_request:+,.0f}"
-        rows.append(
+        base_ir = base.per_request if base else None
+        row = (
             f"| {r.cfg.name} | {r.cfg.users} | {r.per_request:,.0f} | {added} "
-            f"| {_ratio(r.per_request, base.per_request if base else None)} |"
+            f"| {_ratio(r.per_request, base_ir)} |"
         )
+        if throughput:
+            row += f" {_ratio(base_ir, r.per_request)} |"
+        rows.append(row)
     return "\n".join(rows)
+
+
+# -- instruction counts of the uvicorn process over real sockets ---------------------------------
+
+
+async def drive_http(port: int, requests: int, connections: int, users: int) -> None:
+    """``requests`` GETs over ``connections`` keep-alive connections, one at a time on each, ids
+    round robin over ``users`` as wrk's script sends them; every answer must be a 200."""
+    per = requests // connections
+
+    async def one(c: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for j in range(per):
+                user = (c * per + j) % users
+                writer.write(f"GET / HTTP/1.1\r\nhost: bench\r\n{HEADER}: user-{user}\r\n\r\n".encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise SystemExit(f"unexpected answer: {head!r}")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one(c) for c in range(connections)))
+
+
+def callgrind_http_instructions(cfg: Cfg, requests: int, connections: int, workdir: Path) -> int:
+    """Instructions of the uvicorn process (every thread, start-up and shutdown included) serving
+    ``requests`` requests from a client outside valgrind."""
+    wrapper = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
+    with uvicorn_server(cfg, None, workdir, None, wrapper, ready_s=300) as server:
+        asyncio.run(drive_http(server.port, requests, connections, cfg.users))
+    text = server.log.read_text(errors="replace")
+    m = re.search(r"Collected : (\d+)", text)
+    if m is None:
+        raise SystemExit(f"callgrind run of uvicorn failed:\n{text[-3000:]}")
+    return int(m.group(1))
+
+
+def callgrind_http_all(cfgs: list[Cfg], args: argparse.Namespace) -> list[IrResult]:
+    lo, hi = args.callgrind_http_requests
+    out = []
+    with tempfile.TemporaryDirectory(prefix="overhead-cg-") as tmp:
+        for cfg in cfgs:
+            a = callgrind_http_instructions(cfg, lo, args.callgrind_http_connections, Path(tmp))
+            b = callgrind_http_instructions(cfg, hi, args.callgrind_http_connections, Path(tmp))
+            out.append(IrResult(cfg, (b - a) / (hi - lo)))
+            print(
+                f"  callgrind http {cfg.name:15} {out[-1].per_request:,.0f} instructions/req",
+                file=sys.stderr,
+                flush=True,
+            )
+    return out
 
 
 async def inproc_all(
@@ -1018,6 +1097,24 @@ def main() -> None:
         metavar="LO,HI",
         help="instructions/request = (Ir(HI) - Ir(LO)) / (HI - LO)",
     )
+    p.add_argument(
+        "--callgrind-http",
+        action="store_true",
+        help="count instructions per request of the uvicorn process under valgrind, over HTTP",
+    )
+    p.add_argument(
+        "--callgrind-http-requests",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=(400, 2400),
+        metavar="LO,HI",
+        help="instructions/request = (Ir(HI) - Ir(LO)) / (HI - LO), each a whole uvicorn run",
+    )
+    p.add_argument(
+        "--callgrind-http-connections",
+        type=int,
+        default=8,
+        help="keep-alive connections of the --callgrind-http client (they divide LO and HI)",
+    )
     p.add_argument("--once", help=argparse.SUPPRESS)  # internal: one callgrind run
     args = p.parse_args()
     if args.once:
@@ -1027,8 +1124,8 @@ def main() -> None:
         return
     if args.http and shutil.which("wrk") is None:
         raise SystemExit("wrk not found on PATH (or pass --no-http)")
-    if args.callgrind and shutil.which("valgrind") is None:
-        raise SystemExit("valgrind not found on PATH (needed by --callgrind)")
+    if (args.callgrind or args.callgrind_http) and shutil.which("valgrind") is None:
+        raise SystemExit("valgrind not found on PATH (needed by --callgrind and --callgrind-http)")
 
     cfgs = configurations(args)
     server_cpus, client_cpus = split_cpus(args.pin)
@@ -1073,6 +1170,9 @@ def main() -> None:
                 http_results.append(best_run(runs[cfg]))
         inproc = asyncio.run(inproc_all(cfgs, redis_url, args)) if args.inproc else []
         irs = callgrind_all(cfgs, redis_url, args) if args.callgrind else []
+        # The redis-server's work would not be counted: the Redis configurations are left out.
+        http_cfgs = [c for c in cfgs if c.backend != "redis"]
+        http_irs = callgrind_http_all(http_cfgs, args) if args.callgrind_http else []
 
     print()
     if http_results:
@@ -1098,6 +1198,16 @@ def main() -> None:
             f"(Ir({hi}) - Ir({lo})) / {hi - lo}; the redis-server's own work is not counted):"
         )
         print(callgrind_table(irs))
+    if http_irs:
+        lo, hi = args.callgrind_http_requests
+        _, parser = server_choice()
+        print()
+        print(
+            f"Instructions per request of the uvicorn process under callgrind ({parser}, "
+            f"{args.callgrind_http_connections} keep-alive connections from a client outside "
+            f"valgrind, (Ir({hi}) - Ir({lo})) / {hi - lo}; start-up and shutdown cancel out):"
+        )
+        print(callgrind_table(http_irs, throughput=True))
     if args.profile:
         for r in inproc:
             if not r.profile:
