@@ -397,9 +397,11 @@ def uvicorn_server(
     cpus: set[int] | None,
     wrapper: tuple[str, ...] = (),
     ready_s: float = 20,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
-    """uvicorn serving ``cfg``, run by ``wrapper`` (valgrind, say) if given; stopped with SIGTERM
-    on exit, and waited for, so the log is complete when the block ends."""
+    """uvicorn serving ``cfg``, run by ``wrapper`` (valgrind, say) if given, with ``extra_env``
+    added to its environment; stopped with SIGTERM on exit, and waited for, so the log is complete
+    when the block ends."""
     loop, http = server_choice()
     port = _free_port()
     log = workdir / f"uvicorn-{cfg.name}.log"
@@ -409,6 +411,7 @@ def uvicorn_server(
         "OVERHEAD_REDIS_URL": redis_url or "",
         "OVERHEAD_TRACING": "1" if cfg.tracing else "0",
         "OVERHEAD_STATS": "1",
+        **(extra_env or {}),
     }
     cmd = [
         *wrapper, sys.executable, "-m", "uvicorn", "overhead:create_app", "--factory",
@@ -991,7 +994,10 @@ def callgrind_http_instructions(cfg: Cfg, requests: int, connections: int, workd
     """Instructions of the uvicorn process (every thread, start-up and shutdown included) serving
     ``requests`` requests from a client outside valgrind."""
     wrapper = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
-    with uvicorn_server(cfg, None, workdir, None, wrapper, ready_s=300) as server:
+    # A fixed hash seed, so dict layouts are the same in every run. What still varies is timing:
+    # how many requests one event-loop turn finds ready, which moves the count by about 1k.
+    seed = {"PYTHONHASHSEED": "0"}
+    with uvicorn_server(cfg, None, workdir, None, wrapper, ready_s=300, extra_env=seed) as server:
         asyncio.run(drive_http(server.port, requests, connections, cfg.users))
     text = server.log.read_text(errors="replace")
     m = re.search(r"Collected : (\d+)", text)
