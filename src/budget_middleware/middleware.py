@@ -428,12 +428,9 @@ class BudgetMiddleware:
             failure = "cancelled"
             raise
         finally:
-            if watch.final_sent:
-                reason = "completed"
-            elif watch.disconnected:
-                reason = "disconnected"
-            else:
-                reason = failure or "error"  # returned without finishing its response
+            # Completed or disconnected, as the response went; else as the app ended (an app that
+            # returned without finishing its response is an error).
+            reason = watch.ended or failure or "error"
             # The actual cost; the handle takes no charge from now on.
             if watch._reported or watch.header_reported:
                 actual = watch._charged + watch.header_charged
@@ -673,9 +670,8 @@ class _MeteredRequest(RequestBudget):
         "_charge_header",
         "_receive",
         "_send",
-        "disconnected",
+        "ended",
         "expect_trailers",
-        "final_sent",
         "header_charged",
         "header_reported",
         "status",
@@ -706,14 +702,14 @@ class _MeteredRequest(RequestBudget):
         self.status = 0
         self.header_charged = 0  # reported in the charge header or trailer, in micro-units
         self.header_reported = False
-        self.final_sent = False
         self.expect_trailers = False
-        self.disconnected = False
+        # "completed" once the final message went out, "disconnected" if the client left first.
+        self.ended = ""
 
     async def receive_watching_disconnect(self) -> Message:
         message = await self._receive()
-        if message["type"] == "http.disconnect" and not self.final_sent:
-            self.disconnected = True
+        if message["type"] == "http.disconnect" and not self.ended:
+            self.ended = "disconnected"
         return message
 
     async def send_with_budget_headers(self, message: Message) -> None:
@@ -750,11 +746,11 @@ class _MeteredRequest(RequestBudget):
         try:
             await self._send(message)
         except OSError:
-            if not self.final_sent:
-                self.disconnected = True
+            if not self.ended:
+                self.ended = "disconnected"
             raise
-        if final and not self.disconnected:
-            self.final_sent = True
+        if final and not self.ended:
+            self.ended = "completed"
 
     def _without_charge(self, headers: Iterable[tuple[bytes, bytes]], where: str) -> Headers:
         """The headers minus the internal charge header, whose value is read as the cost."""
