@@ -73,7 +73,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -929,19 +929,33 @@ class IrResult:
     per_request: float  # instructions per request
 
 
-def callgrind_all(cfgs: list[Cfg], redis_url: str | None, args: argparse.Namespace) -> list[IrResult]:
-    lo, hi = args.callgrind_requests
+def per_request_counts(
+    cfgs: list[Cfg], lo: int, hi: int, count: Callable[[Cfg, int], int], what: str
+) -> list[IrResult]:
+    """Instructions per request of each configuration: ``(count(cfg, hi) - count(cfg, lo)) / (hi -
+    lo)``, where ``count`` runs a whole process for that many requests."""
     out = []
     for cfg in cfgs:
-        a = callgrind_instructions(cfg, redis_url, lo, args.inproc_concurrency)
-        b = callgrind_instructions(cfg, redis_url, hi, args.inproc_concurrency)
+        a = count(cfg, lo)
+        b = count(cfg, hi)
         out.append(IrResult(cfg, (b - a) / (hi - lo)))
         print(
-            f"  callgrind {cfg.name:15} {out[-1].per_request:,.0f} instructions/req",
+            f"  {what} {cfg.name:15} {out[-1].per_request:,.0f} instructions/req",
             file=sys.stderr,
             flush=True,
         )
     return out
+
+
+def callgrind_all(cfgs: list[Cfg], redis_url: str | None, args: argparse.Namespace) -> list[IrResult]:
+    lo, hi = args.callgrind_requests
+    return per_request_counts(
+        cfgs,
+        lo,
+        hi,
+        lambda cfg, n: callgrind_instructions(cfg, redis_url, n, args.inproc_concurrency),
+        "callgrind",
+    )
 
 
 def callgrind_table(results: list[IrResult], throughput: bool = False) -> str:
@@ -1008,18 +1022,16 @@ def callgrind_http_instructions(cfg: Cfg, requests: int, connections: int, workd
 
 def callgrind_http_all(cfgs: list[Cfg], args: argparse.Namespace) -> list[IrResult]:
     lo, hi = args.callgrind_http_requests
-    out = []
     with tempfile.TemporaryDirectory(prefix="overhead-cg-") as tmp:
-        for cfg in cfgs:
-            a = callgrind_http_instructions(cfg, lo, args.callgrind_http_connections, Path(tmp))
-            b = callgrind_http_instructions(cfg, hi, args.callgrind_http_connections, Path(tmp))
-            out.append(IrResult(cfg, (b - a) / (hi - lo)))
-            print(
-                f"  callgrind http {cfg.name:15} {out[-1].per_request:,.0f} instructions/req",
-                file=sys.stderr,
-                flush=True,
-            )
-    return out
+        return per_request_counts(
+            cfgs,
+            lo,
+            hi,
+            lambda cfg, n: callgrind_http_instructions(
+                cfg, n, args.callgrind_http_connections, Path(tmp)
+            ),
+            "callgrind http",
+        )
 
 
 async def inproc_all(
@@ -1056,6 +1068,11 @@ async def inproc_all(
             flush=True,
         )
     return out
+
+
+def _lo_hi(text: str) -> tuple[int, int]:
+    lo, hi = (int(x) for x in text.split(","))
+    return lo, hi
 
 
 def main() -> None:
@@ -1098,7 +1115,7 @@ def main() -> None:
     )
     p.add_argument(
         "--callgrind-requests",
-        type=lambda v: tuple(int(x) for x in v.split(",")),
+        type=_lo_hi,
         default=(200, 1200),
         metavar="LO,HI",
         help="instructions/request = (Ir(HI) - Ir(LO)) / (HI - LO)",
@@ -1110,7 +1127,7 @@ def main() -> None:
     )
     p.add_argument(
         "--callgrind-http-requests",
-        type=lambda v: tuple(int(x) for x in v.split(",")),
+        type=_lo_hi,
         default=(400, 2400),
         metavar="LO,HI",
         help="instructions/request = (Ir(HI) - Ir(LO)) / (HI - LO), each a whole uvicorn run",
