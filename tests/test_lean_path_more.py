@@ -6,27 +6,16 @@ from __future__ import annotations
 import time
 
 import pytest
-from opentelemetry import trace
-from opentelemetry.metrics import _internal as metrics_state
 from starlette.types import Receive, Scope, Send
 
-import budget_middleware.middleware as middleware_module
 from asgi_helpers import RecordingSend, ScriptedReceive, SettlementLog, http_scope, settle_all
-from budget_middleware import BudgetConfig, BudgetMiddleware, Finalizer, MemoryLedger, Rule, telemetry
+from budget_middleware import BudgetConfig, BudgetMiddleware, Finalizer, MemoryLedger, Rule
 from budget_middleware.keys import AmbiguousEntity, Budget, KeySource, header_id, header_value, plain_id
 from budget_middleware.ledger import Rejection, new_reservation_id
 from budget_middleware.ledger._types import id_time_ms
+from test_lean_path import no_telemetry_sdk  # noqa: F401  (autouse: no tracer or meter provider)
 
 NOW_MS = time.time_ns() // 1_000_000
-
-
-@pytest.fixture(autouse=True)
-def no_telemetry_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(middleware_module, "tracer", trace.ProxyTracer("budget_middleware", "0.1.0"))
-    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
-    monkeypatch.setattr(metrics_state, "_METER_PROVIDER", None)
-    proxy = metrics_state._ProxyMeter("budget_middleware", "0.1.0")
-    monkeypatch.setattr(telemetry, "_instruments", telemetry.Instruments(proxy))
 
 
 async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
