@@ -569,6 +569,18 @@ class TestLimitOverride:
         (v,) = (await refuse(ledger, hold(b, 100, 0))).violations
         assert (v.limit, v.remaining) == (0, 0)
 
+    @pytest.mark.parametrize(
+        "bad", [20.0, True, -1, 2**52 + 1, "20"], ids=["float", "bool", "negative", "huge", "str"]
+    )
+    async def test_what_is_not_an_int_of_micro_units_is_refused_and_changes_nothing(
+        self, ledger: Any, bad: Any
+    ) -> None:
+        b = budget()
+        await ledger.set_limit(b, 30)
+        with pytest.raises(ValueError, match="limit"):
+            await ledger.set_limit(b, bad)
+        assert (await usage(ledger, b, 10)).limit == 30
+
 
 class TestReset:
     async def test_clears_spent_in_the_current_window(self, ledger: Any) -> None:

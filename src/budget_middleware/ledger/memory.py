@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..amounts import check_micros
 from ..keys import Budget
 from ._types import (
     HeldBudget,
@@ -435,7 +436,7 @@ class MemoryLedger:
         if limit is None:
             self._limits.pop(key, None)
         else:
-            self._limits[key] = limit
+            self._limits[key] = check_micros(limit, what="limit")
 
     async def reset(self, budget: Budget) -> None:
         st = self._states.get((budget.rule, budget.entity))
