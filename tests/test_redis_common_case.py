@@ -60,6 +60,17 @@ async def through_general_path(ledger: Any, b: Budget) -> None:
     await ledger.client().hset(key(ledger, b), "pa", 0)
 
 
+async def stored_override_twice(ledger: Any, override: str) -> tuple[Budget, Budget]:
+    """Two budgets with one hold each and ``override`` stored as their limit, as it is written; the
+    next reserve of the second takes the general path, of the first the common case."""
+    common, general = budget("r:common"), budget("r:general")
+    for b in (common, general):
+        await admit(ledger, b, 1)
+        await ledger.client().hset(key(ledger, b), "limit", override)
+    await through_general_path(ledger, general)
+    return common, general
+
+
 # =================================================================================================
 # Defects
 # =================================================================================================
@@ -84,11 +95,7 @@ class TestAnOverrideIsReadAsTheScriptReadsIt:
         (``int('1000.0')``, ``int('1e3')``; a space shifts every field after it), so the reserve
         raises though its hold was written."""
         ledger = await make_ledger()
-        common, general = budget("r:common"), budget("r:general")
-        for b in (common, general):
-            await admit(ledger, b, 1)
-            await ledger.client().hset(key(ledger, b), "limit", override)
-        await through_general_path(ledger, general)
+        common, general = await stored_override_twice(ledger, override)
         by_general = await admit(ledger, general, 10)
         assert (by_general.holds[0].limit, by_general.holds[0].remaining) == (1000, 989)
         by_common = await admit(ledger, common, 10)
@@ -100,11 +107,7 @@ class TestAnOverrideIsReadAsTheScriptReadsIt:
         self, make_ledger: Any, override: str
     ) -> None:
         ledger = await make_ledger()
-        common, general = budget("r:common"), budget("r:general")
-        for b in (common, general):
-            await admit(ledger, b, 1)
-            await ledger.client().hset(key(ledger, b), "limit", override)
-        await through_general_path(ledger, general)
+        common, general = await stored_override_twice(ledger, override)
         views = []
         for b in (general, common):
             refused = await ledger.reserve(
