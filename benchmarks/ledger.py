@@ -24,6 +24,11 @@ clock starts, to show what the ledger costs without ULID generation.
     .venv/bin/python benchmarks/ledger.py                      # starts its own redis-server
     .venv/bin/python benchmarks/ledger.py --redis-url redis://localhost:6379/15 --pairs 50000
     .venv/bin/python benchmarks/ledger.py --backends memory    # no redis-server: memory phases only
+    .venv/bin/python benchmarks/ledger.py --backends naive,redis --rounds 7
+
+``--rounds N`` runs every configuration N times, interleaved, and lists the ledger's script time
+over the naive baseline's for each round (the two phases back to back) and the median: on a
+shared machine a single phase's command time moves by 2x or more, the ratio less.
 
 With ``--redis-url`` the benchmark runs FLUSHDB and CONFIG RESETSTAT on that server: never point
 it at a Redis that holds anything you want to keep.
@@ -38,6 +43,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -404,40 +410,80 @@ async def main_async(args: argparse.Namespace, url: str | None) -> None:
             flush=True,
         )
         phases: list[Phase] = []
-        for mode in args.modes:
-            for conc in args.concurrency:
-                for backend in args.backends:
-                    t0 = time.perf_counter()
-                    if backend.startswith("memory"):
-                        phase = await run_memory(
-                            mode, conc, args.memory_pairs, pregen_ids=backend != "memory"
-                        )
-                    else:
-                        assert url is not None
-                        assert admin is not None
-                        phase = await run_redis(backend, mode, conc, args.pairs, url, admin)
-                    phases.append(phase)
-                    print(
-                        f"  {phase.name:22} c={conc:<3} {phase.rate:>10,.0f} pairs/s "
-                        f"server {_fmt(phase.usec_per_pair, '.2f')} usec/pair "
-                        f"({time.perf_counter() - t0:.1f} s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+        for _round in range(args.rounds):
+            phases += await one_round(args, url, admin)
+        first = phases[: len(phases) // args.rounds]
         print()
-        print(table(phases))
-        if any(p.server is not None for p in phases):
+        print(table(first if args.rounds > 1 else phases))
+        if args.rounds > 1:
+            print()
+            print(f"Script time vs naive, round by round ({args.rounds} interleaved rounds):")
+            print(rounds_table(phases))
+        if any(p.server is not None for p in first):
             print()
             print(
                 "Per-pair command breakdown, calls/pair x usec/call (commandstats; the calls a"
                 " script makes are listed too, and their time is already inside the script's):"
             )
-            print(breakdown(phases))
+            print(breakdown(first))
         if admin is not None:
             await admin.client.flushdb()
     finally:
         if admin is not None:
             await admin.client.aclose()
+
+
+async def one_round(args: argparse.Namespace, url: str | None, admin: Admin | None) -> list[Phase]:
+    """Every configuration once: for each mode and concurrency, each backend in turn."""
+    phases: list[Phase] = []
+    for mode in args.modes:
+        for conc in args.concurrency:
+            for backend in args.backends:
+                t0 = time.perf_counter()
+                if backend.startswith("memory"):
+                    phase = await run_memory(
+                        mode, conc, args.memory_pairs, pregen_ids=backend != "memory"
+                    )
+                else:
+                    assert url is not None
+                    assert admin is not None
+                    phase = await run_redis(backend, mode, conc, args.pairs, url, admin)
+                phases.append(phase)
+                print(
+                    f"  {phase.name:22} c={conc:<3} {phase.rate:>10,.0f} pairs/s "
+                    f"server {_fmt(phase.usec_per_pair, '.2f')} usec/pair "
+                    f"({time.perf_counter() - t0:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return phases
+
+
+def rounds_table(phases: list[Phase]) -> str:
+    """Per mode and concurrency: the ledger's script time over the naive baseline's in each round
+    (the two phases run back to back), and the median of those ratios."""
+    head = "| config | conc | each round | median | median usec/pair (redis / naive) |"
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    keys = dict.fromkeys((p.mode, p.concurrency) for p in phases if p.backend == "redis")
+    for mode, conc in keys:
+        redis = [p for p in phases if (p.backend, p.mode, p.concurrency) == ("redis", mode, conc)]
+        naive = [p for p in phases if (p.backend, p.mode, p.concurrency) == ("naive", mode, conc)]
+        if len(redis) != len(naive):
+            continue
+        ratios = [
+            r.usec_per_pair / n.usec_per_pair
+            for r, n in zip(redis, naive, strict=True)
+            if r.usec_per_pair is not None and n.usec_per_pair
+        ]
+        if not ratios:
+            continue
+        ledger_us = statistics.median(r.usec_per_pair or 0.0 for r in redis)
+        naive_us = statistics.median(n.usec_per_pair or 0.0 for n in naive)
+        rows.append(
+            f"| redis-{mode} | {conc} | {' / '.join(f'{x:.2f}x' for x in ratios)} "
+            f"| {statistics.median(ratios):.2f}x | {ledger_us:.1f} / {naive_us:.1f} |"
+        )
+    return "\n".join(rows)
 
 
 def _int_list(text: str) -> list[int]:
@@ -472,6 +518,13 @@ def main() -> None:
         "--memory-pairs", type=int, default=None, help="pairs per memory phase (default 5x --pairs)"
     )
     parser.add_argument("--concurrency", type=_int_list, default=[1, 64], help="e.g. 1,64")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat every configuration this many times, interleaved; the ratios of each round"
+        " and their median are listed",
+    )
     parser.add_argument("--modes", type=_mode_list, default=["hot", "spread"], help="hot,spread")
     parser.add_argument(
         "--backends",
@@ -483,6 +536,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.pairs < 1:
         parser.error("--pairs must be positive")
+    if args.rounds < 1:
+        parser.error("--rounds must be positive")
     if args.memory_pairs is None:
         args.memory_pairs = args.pairs * 5
     if not any(b in ("naive", "redis") for b in args.backends):
