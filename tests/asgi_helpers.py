@@ -15,9 +15,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
+import pytest
+from opentelemetry import trace
+from opentelemetry.metrics import _internal as metrics_state
 from starlette.types import Message
 
-from budget_middleware import Finalizer, MemoryLedger, Settled, Settlement
+import budget_middleware.finalizer as finalizer_module
+import budget_middleware.middleware as middleware_module
+from budget_middleware import Finalizer, MemoryLedger, Settled, Settlement, telemetry
 
 __all__ = [
     "DEADLINE_S",
@@ -29,6 +34,7 @@ __all__ = [
     "http_scope",
     "settle_all",
     "wait_until",
+    "without_telemetry_sdk",
 ]
 
 DEADLINE_S = 5.0
@@ -343,3 +349,16 @@ class LedgerProxy:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def without_telemetry_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No tracer provider and no meter provider, whatever other tests installed; the package's
+    instruments made from the API's proxy meter, as in a process without an SDK (where the
+    middleware takes its lean path)."""
+    proxy_tracer = trace.ProxyTracer("budget_middleware", "0.1.0")
+    for module in (telemetry, middleware_module, finalizer_module):
+        monkeypatch.setattr(module, "tracer", proxy_tracer)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(metrics_state, "_METER_PROVIDER", None)
+    proxy = metrics_state._ProxyMeter("budget_middleware", "0.1.0")
+    monkeypatch.setattr(telemetry, "_instruments", telemetry.Instruments(proxy))

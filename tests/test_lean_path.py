@@ -22,7 +22,6 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from starlette.types import Receive, Scope, Send
 
-import budget_middleware.middleware as middleware_module
 from asgi_helpers import (
     CountingLedger,
     RecordingSend,
@@ -31,6 +30,7 @@ from asgi_helpers import (
     http_scope,
     settle_all,
     wait_until,
+    without_telemetry_sdk,
 )
 from budget_middleware import (
     BudgetConfig,
@@ -51,12 +51,7 @@ NOW_MS = time.time_ns() // 1_000_000
 
 @pytest.fixture(autouse=True)
 def no_telemetry_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No tracer provider and no meter provider, whatever other tests installed."""
-    monkeypatch.setattr(middleware_module, "tracer", trace.ProxyTracer("budget_middleware", "0.1.0"))
-    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
-    monkeypatch.setattr(metrics_state, "_METER_PROVIDER", None)
-    proxy = metrics_state._ProxyMeter("budget_middleware", "0.1.0")
-    monkeypatch.setattr(telemetry, "_instruments", telemetry.Instruments(proxy))
+    without_telemetry_sdk(monkeypatch)
 
 
 async def charging(scope: Scope, receive: Receive, send: Send) -> None:

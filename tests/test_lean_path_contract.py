@@ -47,6 +47,7 @@ from asgi_helpers import (
     http_scope,
     settle_all,
     wait_until,
+    without_telemetry_sdk,
 )
 from budget_middleware import (
     BudgetConfig,
@@ -71,15 +72,7 @@ ESTIMATE = 2_000_000  # 2 units, in micro-units
 
 @pytest.fixture(autouse=True)
 def no_telemetry_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No tracer provider and no meter provider, whatever other tests installed; the package's
-    instruments made from the API's proxy meter, as in a process without an SDK."""
-    proxy_tracer = trace.ProxyTracer("budget_middleware", "0.1.0")
-    for module in (telemetry, middleware_module, finalizer_module):
-        monkeypatch.setattr(module, "tracer", proxy_tracer)
-    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
-    monkeypatch.setattr(metrics_state, "_METER_PROVIDER", None)
-    proxy = metrics_state._ProxyMeter("budget_middleware", "0.1.0")
-    monkeypatch.setattr(telemetry, "_instruments", telemetry.Instruments(proxy))
+    without_telemetry_sdk(monkeypatch)
 
 
 # =================================================================================================

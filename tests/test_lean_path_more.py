@@ -8,14 +8,25 @@ import time
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from asgi_helpers import RecordingSend, ScriptedReceive, SettlementLog, http_scope, settle_all
+from asgi_helpers import (
+    RecordingSend,
+    ScriptedReceive,
+    SettlementLog,
+    http_scope,
+    settle_all,
+    without_telemetry_sdk,
+)
 from budget_middleware import BudgetConfig, BudgetMiddleware, Finalizer, MemoryLedger, Rule
 from budget_middleware.keys import AmbiguousEntity, Budget, KeySource, header_id, header_value, plain_id
 from budget_middleware.ledger import Rejection, new_reservation_id
 from budget_middleware.ledger._types import id_time_ms
-from test_lean_path import no_telemetry_sdk  # noqa: F401  (autouse: no tracer or meter provider)
 
 NOW_MS = time.time_ns() // 1_000_000
+
+
+@pytest.fixture(autouse=True)
+def no_telemetry_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    without_telemetry_sdk(monkeypatch)
 
 
 async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
