@@ -18,7 +18,7 @@ reported cost) is measured in up to three ways, every configuration side by side
 3. Optionally (``--callgrind``, slow: minutes) the same in-process loop under valgrind's callgrind,
    as instructions per request: a count that CPU contention from other processes cannot inflate.
 4. Optionally (``--callgrind-http``, slow: about a minute per configuration) the uvicorn process
-   itself under callgrind, serving bare, memory (and floor with ``--floor``) over real sockets:
+   itself under callgrind, serving bare, memory (and floor and least with ``--floor``) over real sockets:
    an asyncio client outside valgrind sends a fixed number of requests over keep-alive connections
    (``--callgrind-http-connections``, ids round robin as above), and the instructions per request
    are the difference of two such runs (``--callgrind-http-requests LO,HI``), so start-up and
@@ -59,12 +59,14 @@ import asyncio
 import contextlib
 import cProfile
 import datetime
+import heapq
 import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
 import pstats
+import random
 import re
 import shutil
 import socket
@@ -93,6 +95,7 @@ from budget_middleware import (
     Rule,
     get_reservation,
 )
+from budget_middleware.handle import charge_micros
 from budget_middleware.keys import EntityHasher
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -148,13 +151,109 @@ class HeaderFloor:
         await self.app(scope, receive, send_with_headers)
 
 
+class _LeastState:
+    __slots__ = ("heap", "held", "holds", "spent")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.holds: dict[str, tuple[int, int]] = {}
+        self.spent: dict[int, int] = {}
+        self.heap: list[tuple[int, str]] = []
+
+
+class _LeastHandle:
+    __slots__ = ("_headers", "_send", "charged", "reported", "status")
+
+    def __init__(self, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
+        self.charged = 0
+        self.reported = False
+        self.status = 0
+        self._send = send
+        self._headers = headers
+
+    def charge(self, amount: str) -> None:
+        self.charged += charge_micros(amount, "charge")
+        self.reported = True
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            message = message.copy()
+            message["headers"] = message["headers"] + self._headers
+        await self._send(message)
+
+
+class LeastBudget:
+    """For scale: the least a middleware enforcing this benchmark's budget does per request, with
+    none of the package's generality: the id header's budget from a dict, a time-ordered id, a
+    hold with a lease (and an expiry heap, as a purge needs) checked against spent + held, the two
+    RateLimit headers with the two numbers that change, an in-flight record (as lease renewal
+    needs), a handle that takes charges, and the settle in ``finally``. No exclusions, missing ids,
+    rejections, telemetry checks, disconnect watching, charge header, trailers, purge or
+    finalizer: whatever the package does beyond this is its price for those."""
+
+    LIMIT = 10**15
+    PERIOD_MS = 86_400_000
+    LEASE_MS = 60_000
+    ESTIMATE = 10
+    POLICY = (b"ratelimit-policy", b'"bench";q=1000000000000000;w=86400')
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.states: dict[bytes, _LeastState] = {}
+        self.in_flight: dict[str, tuple[_LeastState, float]] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        user = b""
+        for name, value in scope["headers"]:
+            if len(name) == 6 and name == b"x-user":
+                user = value
+        st = self.states.get(user)
+        if st is None:
+            st = self.states[user] = _LeastState()
+        now = time.time_ns() // 1_000_000
+        rid = (now << 80 | random.getrandbits(80)).to_bytes(16, "big").hex()
+        window = now - now % self.PERIOD_MS
+        left = self.LIMIT - st.spent.get(window, 0) - st.held
+        estimate = self.ESTIMATE
+        if left <= 0 or estimate > left:
+            raise RuntimeError("the benchmark's budget never runs out")
+        expiry = now + self.LEASE_MS
+        st.holds[rid] = (expiry, estimate)
+        heapq.heappush(st.heap, (expiry, rid))
+        st.held += estimate
+        wait_s = -(-(window + self.PERIOD_MS - now) // 1000)
+        headers = [self.POLICY, (b"ratelimit", b'"bench";r=%d;t=%d' % (left - estimate, wait_s))]
+        self.in_flight[rid] = (st, time.monotonic() + self.LEASE_MS / 3000)
+        handle = _LeastHandle(send, headers)
+        scope.setdefault("state", {})["budget"] = handle
+        try:
+            await self.app(scope, receive, handle.send)
+        finally:
+            actual = handle.charged if handle.reported else 0 if handle.status >= 400 else estimate
+            del self.in_flight[rid]
+            entry = st.holds.pop(rid, None)
+            if entry is not None:
+                st.held -= entry[1]
+                if not st.holds:
+                    st.heap.clear()
+            if actual:
+                st.spent[window] = st.spent.get(window, 0) + actual
+
+
 def build_app(backend: str, redis_url: str | None = None) -> Built:
-    """``backend``: bare (no middleware), floor (``HeaderFloor``), memory, or redis."""
-    metered = backend not in ("bare", "floor")
+    """``backend``: bare (no middleware), floor (``HeaderFloor``), least (``LeastBudget``), memory,
+    or redis."""
+    metered = backend not in ("bare", "floor", "least")
 
     async def endpoint(request: Request) -> JSONResponse:
         if metered:
             get_reservation(request).charge(CHARGE)
+        elif backend == "least":  # as get_reservation finds the handle
+            request.scope["state"]["budget"].charge(CHARGE)
         return JSONResponse({"ok": True})
 
     finalizer: Finalizer | None = None
@@ -162,6 +261,8 @@ def build_app(backend: str, redis_url: str | None = None) -> Built:
     middleware: list[Middleware] = []
     if backend == "floor":
         middleware.append(Middleware(HeaderFloor))
+    if backend == "least":
+        middleware.append(Middleware(LeastBudget))
     if metered:
         config = budget_config(redis_url if backend == "redis" else None)
         if backend == "redis":
@@ -249,7 +350,7 @@ def create_app() -> Starlette:
 @dataclass(frozen=True)
 class Cfg:
     name: str
-    backend: str  # bare | floor | memory | redis
+    backend: str  # bare | floor | least | memory | redis
     users: int
     tracing: bool = False
 
@@ -261,7 +362,7 @@ def configurations(args: argparse.Namespace) -> list[Cfg]:
         Cfg("redis", "redis", args.users),
     ]
     if args.floor:
-        cfgs.insert(1, Cfg("floor", "floor", args.users))
+        cfgs[1:1] = [Cfg("floor", "floor", args.users), Cfg("least", "least", args.users)]
     if args.hot:
         cfgs += [Cfg("memory-hot", "memory", 1), Cfg("redis-hot", "redis", 1)]
     if args.tracing:
@@ -1091,7 +1192,8 @@ def main() -> None:
     p.add_argument(
         "--floor",
         action="store_true",
-        help="add a minimal middleware that only wraps send and adds two headers, for scale",
+        help="add, for scale, a middleware that only wraps send and adds two headers (floor) and "
+        "the least a middleware enforcing the budget does (least)",
     )
     p.add_argument(
         "--no-redis",

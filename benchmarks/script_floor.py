@@ -7,6 +7,11 @@ Runs, on one redis-server, one hot budget, request-response (concurrency 1), int
   entering a script twice;
 - ``bare``: two EVALSHA that make exactly the commands of the ledger's common path and nothing else
   (TIME, HMGET of the same fields, HSET of a hold; HDEL of it, two HINCRBY), with no Lua logic;
+- ``least``: the least a script pair that enforces a budget does, with the same commands: the
+  reserve works out the window from TIME, reads held and the window's spent, admits only if
+  spent + held + amount <= limit, and writes the hold and held; the settle adds the actual cost and
+  releases the hold only if its HDEL found it. No argument checks, TTLs, purge scheduling, epoch,
+  idempotent reserve or limit override: what the ledger's scripts cost beyond this is their price;
 - ``ledger``: the real RedisLedger pair.
 
 Each reports ``INFO commandstats`` usec per pair of the script calls (or of the naive commands), as
@@ -70,16 +75,45 @@ redis.call('HINCRBY', KEYS[1], ARGV[5], ARGV[2])
 return 1
 """
 
+LEAST_RESERVE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + (t[2] - t[2] % 1000) / 1000
+local window = now - now % ARGV[4]
+local v = redis.call('HMGET', KEYS[1], 'held', string.format('s:%d', window))
+local held, spent, amount = (v[1] or 0) + 0, (v[2] or 0) + 0, ARGV[6] + 0
+if spent + held + amount > ARGV[5] + 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', now + ARGV[2]), 'held',
+  string.format('%d', held + amount))
+return string.format('%d', now)
+"""
+LEAST_SETTLE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'held', ARGV[4])
+  redis.call('HINCRBY', KEYS[1], ARGV[5], ARGV[2])
+  return 'applied'
+end
+return 'duplicate'
+"""
+SCRIPTS = {
+    "empty": (EMPTY, EMPTY),
+    "bare": (BARE_RESERVE, BARE_SETTLE),
+    "least": (LEAST_RESERVE, LEAST_SETTLE),
+}
+NAMES = ("naive", "empty", "bare", "least", "ledger")
 
-def script_pair(client: aioredis.Redis, reserve_sha: str, settle_sha: str) -> PairFn:
-    """Two EVALSHA per pair with the argument counts of the ledger's one-rule reserve and settle."""
+
+def script_pair(client: aioredis.Redis, reserve_sha: str, settle_sha: str, least: bool) -> PairFn:
+    """Two EVALSHA per pair with the argument counts of the ledger's one-rule reserve and settle
+    (for ``least``, the reserve's arguments are the ledger's own: period, limit, amount)."""
     key = "floor:{bench:r:hot}"
+    tail = (86_400_000, 10**15, 1000) if least else ("s:1764288000000", "99:1000", 1000)
 
     async def pair(_i: int) -> None:
         hold = "h:" + new_reservation_id()
-        await client.evalsha(
-            reserve_sha, 1, key, hold, 30_000, 86_400_000, "s:1764288000000", "99:1000", 1000
-        )
+        if not await client.evalsha(reserve_sha, 1, key, hold, 30_000, 86_400_000, *tail):
+            raise SystemExit("the benchmark's budget never runs out")
         await client.evalsha(
             settle_sha, 1, key, hold, 700, 86_400_000, -1000, "s:1764288000000", "e", 86_400_000
         )
@@ -98,9 +132,8 @@ async def phase(name: str, url: str, admin: Admin, pairs: int) -> float:
             ledger = RedisLedger(url)
             pair, counted = ledger_pair(ledger, budgets_for("hot")), LEDGER_SCRIPT_CMDS
         else:
-            reserve, settle = (EMPTY, EMPTY) if name == "empty" else (BARE_RESERVE, BARE_SETTLE)
-            shas = [await client.script_load(reserve), await client.script_load(settle)]
-            pair, counted = script_pair(client, *shas), LEDGER_SCRIPT_CMDS
+            shas = [await client.script_load(source) for source in SCRIPTS[name]]
+            pair, counted = script_pair(client, *shas, name == "least"), LEDGER_SCRIPT_CMDS
         await drive(pair, 500, 1)
         await admin.reset()
         await drive(pair, pairs, 1)
@@ -114,7 +147,7 @@ async def phase(name: str, url: str, admin: Admin, pairs: int) -> float:
 
 async def main_async(url: str, pairs: int, rounds: int) -> None:
     admin = Admin(aioredis.Redis.from_url(url, decode_responses=True))
-    names = ("naive", "empty", "bare", "ledger")
+    names = NAMES
     results: dict[str, list[float]] = {n: [] for n in names}
     try:
         for r in range(rounds):
@@ -192,9 +225,8 @@ async def cg_drive(name: str, port: int, pairs: int) -> None:
             ledger = RedisLedger(url)
             pair = ledger_pair(ledger, budgets_for("hot"))
         else:
-            reserve, settle = (EMPTY, EMPTY) if name == "empty" else (BARE_RESERVE, BARE_SETTLE)
-            shas = [await client.script_load(reserve), await client.script_load(settle)]
-            pair = script_pair(client, *shas)
+            shas = [await client.script_load(source) for source in SCRIPTS[name]]
+            pair = script_pair(client, *shas, name == "least")
         await drive(pair, pairs, 1)
         with contextlib.suppress(aioredis.ConnectionError):
             await client.shutdown(nosave=True)  # callgrind writes its counts as redis-server exits
@@ -217,7 +249,7 @@ def cg_instructions(name: str, pairs: int) -> int:
 
 
 def main_callgrind(lo: int, hi: int) -> None:
-    names = ("naive", "empty", "bare", "ledger")
+    names = NAMES
     per_pair = {}
     for name in names:
         per_pair[name] = (cg_instructions(name, hi) - cg_instructions(name, lo)) / (hi - lo)
