@@ -162,24 +162,28 @@ class _LeastState:
 
 
 class _LeastHandle:
-    __slots__ = ("_headers", "_send", "charged", "reported", "status")
+    __slots__ = ("_headers", "_send", "charged", "closed", "reported", "status")
 
     def __init__(self, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
         self.charged = 0
         self.reported = False
+        self.closed = False
         self.status = 0
-        self._send = send
+        self._send: Any = send
         self._headers = headers
 
     def charge(self, amount: str) -> None:
-        self.charged += charge_micros(amount, "charge")
+        micros = charge_micros(amount, "charge")
+        if self.closed:
+            raise RuntimeError("charged after the settle")
+        self.charged += micros
         self.reported = True
 
     async def send(self, message: Any) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
             message = message.copy()
-            message["headers"] = message["headers"] + self._headers
+            message["headers"] = [*message.get("headers", ()), *self._headers]
         await self._send(message)
 
 
@@ -234,12 +238,19 @@ class LeastBudget:
             await self.app(scope, receive, handle.send)
         finally:
             actual = handle.charged if handle.reported else 0 if handle.status >= 400 else estimate
+            # As the package does: the handle, left in the scope's state, lets go of the server's
+            # send, or scope -> handle -> send -> scope is a cycle for the collector every request.
+            handle.closed = True
+            handle._send = None
             del self.in_flight[rid]
             entry = st.holds.pop(rid, None)
             if entry is not None:
                 st.held -= entry[1]
                 if not st.holds:
                     st.heap.clear()
+                elif len(st.heap) > 2 * len(st.holds) + 64:  # settled entries: compact
+                    st.heap = [e for e in st.heap if e[1] in st.holds]
+                    heapq.heapify(st.heap)
             if actual:
                 st.spent[window] = st.spent.get(window, 0) + actual
 

@@ -112,11 +112,16 @@ def script_pair(client: aioredis.Redis, reserve_sha: str, settle_sha: str, least
 
     async def pair(_i: int) -> None:
         hold = "h:" + new_reservation_id()
-        if not await client.evalsha(reserve_sha, 1, key, hold, 30_000, 86_400_000, *tail):
+        now = await client.evalsha(reserve_sha, 1, key, hold, 30_000, 86_400_000, *tail)
+        if not now:
             raise SystemExit("the benchmark's budget never runs out")
-        await client.evalsha(
-            settle_sha, 1, key, hold, 700, 86_400_000, -1000, "s:1764288000000", "e", 86_400_000
+        # least settles into the window its reserve read (the others' replies carry no time)
+        window = f"s:{int(now) - int(now) % 86_400_000}" if least else "s:1764288000000"
+        settled = await client.evalsha(
+            settle_sha, 1, key, hold, 700, 86_400_000, -1000, window, "e", 86_400_000
         )
+        if least and settled != "applied":
+            raise SystemExit(f"least settle: {settled!r}")
 
     return pair
 
