@@ -260,11 +260,16 @@ def build_app(backend: str, redis_url: str | None = None) -> Built:
     or redis."""
     metered = backend not in ("bare", "floor", "least")
 
+    # Which endpoint is chosen here, so bare's does nothing per request but answer.
     async def endpoint(request: Request) -> JSONResponse:
-        if metered:
-            get_reservation(request).charge(CHARGE)
-        elif backend == "least":  # as get_reservation finds the handle
-            request.scope["state"]["budget"].charge(CHARGE)
+        return JSONResponse({"ok": True})
+
+    async def charging_endpoint(request: Request) -> JSONResponse:
+        get_reservation(request).charge(CHARGE)
+        return JSONResponse({"ok": True})
+
+    async def least_endpoint(request: Request) -> JSONResponse:
+        request.scope["state"]["budget"].charge(CHARGE)  # as get_reservation finds the handle
         return JSONResponse({"ok": True})
 
     finalizer: Finalizer | None = None
@@ -306,7 +311,8 @@ def build_app(backend: str, redis_url: str | None = None) -> Built:
             }
             print("OVERHEAD-STATS " + json.dumps(stats), file=sys.stderr, flush=True)
 
-    app = Starlette(routes=[Route("/", endpoint)], middleware=middleware, lifespan=lifespan)
+    chosen = charging_endpoint if metered else least_endpoint if backend == "least" else endpoint
+    app = Starlette(routes=[Route("/", chosen)], middleware=middleware, lifespan=lifespan)
     return Built(app, finalizer, ledger)
 
 
