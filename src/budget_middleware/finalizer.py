@@ -31,37 +31,28 @@ from opentelemetry.trace import INVALID_SPAN_CONTEXT, Link, SpanContext, Status,
 
 from .amounts import format_micros
 from .journal import Journal
-from .keys import Budget, EntityHasher
+from .keys import EntityHasher
 from .ledger import (
-    HeldBudget,
     Ledger,
     LedgerError,
     LedgerUnavailable,
     Reservation,
     Settled,
     Settlement,
-    SettleOutcome,
 )
-from .ledger._types import HoldFacts, fast_path
+from .ledger._types import SyncLedger
 from .telemetry import (
     ATTR,
     EVENT_OVERRUN,
     SPAN_RENEW,
     SPAN_SETTLE,
     instruments,
-    metrics_recorded,
     tracer,
 )
 
-__all__ = ["Finalizer", "Hold"]
+__all__ = ["Finalizer"]
 
 logger = logging.getLogger("budget_middleware")
-
-# One admitted hold of a one-rule request on a ledger with ``reserve_hold`` (memory), as the
-# middleware's lean path keeps it instead of a ``Reservation``: (reservation id, budget, amount,
-# lease_ms, the ledger's ``HoldFacts`` as they came), the fields of the ``Reservation`` and its one
-# ``HeldBudget``, which are built from it only when something needs them.
-Hold = tuple[str, Budget, int, int, HoldFacts]
 
 
 class Finalizer:
@@ -93,19 +84,13 @@ class Finalizer:
         self._hasher = hasher or EntityHasher()
         self.on_settled = on_settled
         self._span_raw_ids = span_raw_ids
-        # A ledger that settles synchronously (memory) is applied in submit: nothing can block it.
-        self._settle_now: Callable[[Settlement], Settled] | None = getattr(ledger, "settle_now", None)
-        # ... and settles one hold without the objects (``settle_hold``), for ``settle_hold`` here.
-        self._settle_hold: Callable[[str, Budget, int, str, int], SettleOutcome] | None = (
-            getattr(ledger, "settle_hold", None)
-            if self._settle_now is not None and fast_path(ledger, "settle_hold", "settle_now")
-            else None
-        )
-        # ... and needs no journal: a settlement is applied before submit returns.
+        # A ledger that settles synchronously (memory) is applied in submit: nothing can block it,
+        # and it needs no journal: a settlement is applied before submit returns.
+        self._settle_now = ledger.settle_now if isinstance(ledger, SyncLedger) else None
         self.journal = journal if self._settle_now is None else None
         self.max_pending = max_pending
         self._pending: deque[Settlement] = deque()
-        self._inflight: dict[str, tuple[Reservation | Hold, float]] = {}
+        self._inflight: dict[str, tuple[Reservation, float]] = {}
         self._wakeup: anyio.Event | None = None
         self._changed: anyio.Event | None = None
         self._busy = False
@@ -150,19 +135,6 @@ class Finalizer:
         if due < self._wait_until and self._wakeup is not None:
             self._wakeup.set()  # the idle worker sleeps past this renewal: let it look again
 
-    def track_hold(self, hold: Hold) -> None:
-        """``track`` of the ``Reservation`` of one ``Hold``, which is built only if it is renewed."""
-        due = time.monotonic() + hold[3] / 3000
-        self._inflight[hold[0]] = (hold, due)
-        if due < self._wait_until and self._wakeup is not None:
-            self._wakeup.set()
-
-    @property
-    def settles_holds(self) -> bool:
-        """Whether ``settle_hold`` applies a settlement at once, through the ledger's own
-        ``settle_hold`` (the memory ledger), without building its objects."""
-        return self._settle_hold is not None
-
     def submit(self, settlement: Settlement) -> None:
         """Hand a settlement over. Synchronous: nothing here can be cancelled."""
         self._inflight.pop(settlement.reservation_id, None)
@@ -178,46 +150,6 @@ class Finalizer:
                 self._record(settlement, result, started)
                 return
         self._queue(settlement)
-
-    def settle_hold(
-        self, hold: Hold, actual: int, reason: str, context: object = None, trace_id: str = ""
-    ) -> None:
-        """``submit`` of the settlement of one ``Hold``: ``Settlement(id, (its HeldBudget,),
-        actual, reason, amount, context=context, trace_id=trace_id)``, applied the same way and
-        recorded the same way. Synchronous: nothing here can be cancelled.
-
-        With a ledger that settles holds (``settles_holds``) the common case, an applied
-        settlement that nothing else watches (no ``on_settled`` hook, no span context, no meter
-        provider), is only counted: no ``Settlement`` or ``Settled`` is built for it.
-        """
-        rid = hold[0]
-        self._inflight.pop(rid, None)
-        if self._changed is not None:  # someone waits, maybe for the running requests to end
-            self._notify()
-        settle = self._settle_hold
-        if settle is not None:
-            try:
-                facts = hold[4]
-                outcome = settle(rid, hold[1], facts[0], facts[1], actual)
-            except Exception:
-                logger.exception("budget: settling %s failed; queued", rid)
-            else:
-                if (
-                    outcome == "applied"
-                    and self.on_settled is None
-                    and (context is None or context is INVALID_SPAN_CONTEXT)
-                    and not metrics_recorded()
-                ):
-                    self.applied += 1
-                    outcomes = self.outcomes
-                    outcomes["applied"] = outcomes.get("applied", 0) + 1
-                    return
-                settlement = _settlement_of(hold, actual, reason, context, trace_id)
-                self._record(settlement, Settled(rid, (outcome,)), time.time_ns())
-                return
-            self._queue(_settlement_of(hold, actual, reason, context, trace_id))
-            return
-        self.submit(_settlement_of(hold, actual, reason, context, trace_id))
 
     def _queue(self, settlement: Settlement) -> None:
         """Queue a settlement for the worker (or the journal, over the bound)."""
@@ -773,7 +705,7 @@ class Finalizer:
         if not self._inflight:
             return
         now = time.monotonic()
-        due = [_reservation_of(r) for r, at in self._inflight.values() if at <= now]
+        due = [r for r, at in self._inflight.values() if at <= now]
         if not due:
             return
         t0 = time.perf_counter()
@@ -802,23 +734,6 @@ class Finalizer:
         for r in due:
             if r.id in self._inflight:
                 self._inflight[r.id] = (r, next_at)
-
-
-def _held_of(hold: Hold) -> HeldBudget:
-    _, budget, amount, _, (window, epoch, limit, remaining, reset_ms, *_) = hold
-    return HeldBudget(budget, amount, window, epoch, limit, remaining, reset_ms)
-
-
-def _reservation_of(r: Reservation | Hold) -> Reservation:
-    if isinstance(r, Reservation):
-        return r
-    return Reservation(r[0], (_held_of(r),), r[3], r[4][8])
-
-
-def _settlement_of(hold: Hold, actual: int, reason: str, context: object, trace_id: str) -> Settlement:
-    return Settlement(
-        hold[0], (_held_of(hold),), actual, reason, hold[2], context=context, trace_id=trace_id
-    )
 
 
 # Metric attributes, built once per value: the settlement counter's by reason and outcome (a

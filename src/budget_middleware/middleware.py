@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .amounts import format_micros
 from .config import BudgetConfig, Rule
 from .costs import EstimateError, Estimator, estimate_micros
-from .finalizer import Finalizer, Hold
+from .finalizer import Finalizer
 from .handle import RequestBudget, charge_micros, get_reservation
 from .journal import Journal
 from .keys import AmbiguousEntity, Budget, EntityHasher, KeySource, header_value, plain_id
@@ -41,12 +41,10 @@ from .ledger import (
     new_reservation_id,
     redis_ledger_from_url,
 )
-from .ledger._types import fast_path
+from .ledger._types import SyncLedger
 from .responses import (
     Headers,
     admitted_headers,
-    headers_from_head,
-    hold_head,
     send_missing_entity,
     send_problem,
     send_rejection,
@@ -59,7 +57,6 @@ from .telemetry import (
     SPAN_RESERVE,
     instruments,
     spans_recorded,
-    telemetry_off,
     tracer,
 )
 
@@ -125,24 +122,7 @@ class BudgetMiddleware:
             max_pending=self.config.max_pending,
         )
         # A ledger that reserves synchronously (memory) is called without a timeout or an await.
-        self._reserve_now: Callable[[str, list[HoldRequest], int], Reservation | Rejection] | None = (
-            getattr(self.ledger, "reserve_now", None)
-        )
-        # ... and one that also reserves and settles one hold without the request and result
-        # objects (memory) serves one-rule requests on a lean path while no telemetry SDK is
-        # installed: see ``__call__``.
-        self._reserve_hold: Callable[[str, Budget, int, int, int, int], Any] | None = (
-            getattr(self.ledger, "reserve_hold", None)
-            if self._reserve_now is not None
-            and fast_path(self.ledger, "reserve_hold", "reserve_now")
-            and self.finalizer.settles_holds
-            and self.finalizer.ledger is self.ledger
-            else None
-        )
-        # The ledger's clock, whose one read makes the lean path's reservation id and its reserve.
-        self._ledger_now: Callable[[], int] | None = (
-            getattr(self.ledger, "now", None) if self._reserve_hold is not None else None
-        )
+        self._reserve_now = self.ledger.reserve_now if isinstance(self.ledger, SyncLedger) else None
         self._estimator = estimate
         self._identify = identify
         config = self.config
@@ -160,8 +140,6 @@ class BudgetMiddleware:
         # ... and the same budgets by a header's bytes as they arrive, for a rule keyed on a header
         # that is not a credential: a returning client's id is then not even decoded.
         self._header_budgets: tuple[dict[bytes, Budget], ...] = tuple({} for _ in self._rules)
-        # The RateLimit parts of the lean path, per rule name: (limit, policy header, start).
-        self._hold_heads: dict[str, tuple[int, tuple[bytes, bytes], bytes]] = {}
         self._header_names = tuple(
             r.source.name.encode("latin-1")
             if r.source is not None and r.source.kind == "header"
@@ -343,74 +321,34 @@ class BudgetMiddleware:
             receive = _replaying(body_read, receive)
 
         # 3. Reserve every rule at once.
-        reservation: Reservation | None = None
-        hold: Hold | None = None
-        span_context: object = INVALID_SPAN_CONTEXT
-        if self._reserve_hold is not None and len(wanted) == 1 and telemetry_off(tracer):
-            # The lean path: then the reserve span and the metrics would do nothing, and neither
-            # the HoldRequest nor the Reservation is needed (see MemoryLedger.reserve_hold). The
-            # id and the reserve share one read of the ledger's clock.
-            assert self._ledger_now is not None
-            now = self._ledger_now()
-            rid = new_reservation_id(now)
-            rule, budget = wanted[0]
-            lease_ms = self._lease_ms
-            got = self._reserve_hold(rid, budget, rule.limit_micros, estimate, lease_ms, now)
-            if isinstance(got, Rejection):
-                rejection: Rejection | None = got
+        rid = new_reservation_id()
+        requests = [HoldRequest(budget, rule.limit_micros, estimate) for rule, budget in wanted]
+        result = await self._reserve(rid, requests, estimate)
+        if result is None:  # the ledger did not answer
+            if config.fail_mode == "open":
+                instruments().reservations.add(1, _OUTCOME_ATTRS["bypassed"])
+                state["budget"] = RequestBudget(metered=False, reason="ledger unavailable")
+                await self.app(scope, receive, send)
             else:
-                rejection = None
-                hold = (rid, budget, estimate, lease_ms, got)
-                # hold_headers, with the parts that depend on the rule and its limit kept per
-                # rule name. ``got`` is (window, epoch, limit, remaining, reset_ms, ..., now).
-                limit = got[2]
-                head = self._hold_heads.get(budget.rule)
-                if head is None or head[0] != limit:
-                    head = (limit, *hold_head(budget.rule, limit, budget.period_ms))
-                    self._hold_heads[budget.rule] = head
-                headers = headers_from_head(head[1], head[2], got[3], got[4], got[8])
-                if self.finalizer.on_settled is not None:  # it sees the request's trace id
-                    span_context = trace.get_current_span().get_span_context()
-        else:
-            rid = new_reservation_id()
-            requests = []
-            for rule, budget in wanted:
-                requests.append(HoldRequest(budget, rule.limit_micros, estimate))
-            result = await self._reserve(rid, requests, estimate)
-            if result is None:  # the ledger did not answer
-                if config.fail_mode == "open":
-                    instruments().reservations.add(1, _OUTCOME_ATTRS["bypassed"])
-                    state["budget"] = RequestBudget(metered=False, reason="ledger unavailable")
-                    await self.app(scope, receive, send)
-                else:
-                    await send_unavailable(
-                        send, "the budget ledger is unavailable", error_format=config.error_format
-                    )
-                return
-            reserved, span_context = result
-            if isinstance(reserved, Reservation):
-                rejection = None
-                reservation = reserved
-                headers = admitted_headers(reserved.holds, reserved.now_ms)
-            else:
-                rejection = reserved
-        if rejection is not None:
+                await send_unavailable(
+                    send, "the budget ledger is unavailable", error_format=config.error_format
+                )
+            return
+        reservation, span_context = result
+        if not isinstance(reservation, Reservation):
             state["budget"] = RequestBudget(metered=False, reason="rejected")
             await send_rejection(
                 send,
-                rejection.violations,
+                reservation.violations,
                 unit=config.unit,
                 error_format=config.error_format,
                 hold_retry_after_s=config.hold_retry_after_s,
             )
             return
+        headers = admitted_headers(reservation.holds, reservation.now_ms)
 
         # 4. Run the app, watching what it sends and whether the client leaves.
-        if hold is not None:
-            self.finalizer.track_hold(hold)
-        else:
-            assert reservation is not None
-            self.finalizer.track(reservation)
+        self.finalizer.track(reservation)
         names = (
             self._rule_names
             if len(wanted) == len(self._rules)
@@ -459,21 +397,17 @@ class BudgetMiddleware:
                 else format(span_context.trace_id, "032x")
             )
             # Synchronous, no await: cannot be cancelled.
-            if hold is not None:
-                self.finalizer.settle_hold(hold, actual, reason, span_context, trace_id)
-            else:
-                assert reservation is not None
-                self.finalizer.submit(
-                    Settlement(
-                        rid,
-                        reservation.holds,
-                        actual,
-                        reason,
-                        estimate,
-                        context=span_context,
-                        trace_id=trace_id,
-                    )
+            self.finalizer.submit(
+                Settlement(
+                    rid,
+                    reservation.holds,
+                    actual,
+                    reason,
+                    estimate,
+                    context=span_context,
+                    trace_id=trace_id,
                 )
+            )
 
     def _resolve_from_scope(self, scope: Scope) -> list[tuple[Rule, Budget]]:
         """``_resolve`` for rules whose ids all come from the scope: no awaits, so no coroutine.
@@ -566,7 +500,7 @@ class BudgetMiddleware:
 
     async def _reserve(
         self, rid: str, requests: list[HoldRequest], estimate: int
-    ) -> tuple[Any, trace.SpanContext] | None:
+    ) -> tuple[Reservation | Rejection, trace.SpanContext] | None:
         """Reserve with a timeout, inside a ``budget.reserve`` span; None if the ledger failed.
 
         The span is a child of the request's span but is not made current: nothing inside needs

@@ -8,13 +8,6 @@ from __future__ import annotations
 
 from opentelemetry import metrics, trace
 
-try:  # the API's own state: read, never written, and only to skip work that would do nothing
-    from opentelemetry.metrics import _internal as _metrics_state
-
-    _PROXY_METER: type | None = _metrics_state._ProxyMeter
-except (ImportError, AttributeError):  # pragma: no cover - a future API without these names
-    _PROXY_METER = None
-
 __all__ = [
     "ATTR",
     "INVALID_SPAN",
@@ -23,9 +16,7 @@ __all__ = [
     "SPAN_SETTLE",
     "Instruments",
     "instruments",
-    "metrics_recorded",
     "spans_recorded",
-    "telemetry_off",
     "tracer",
 ]
 
@@ -94,9 +85,6 @@ class Instruments:
 
     def __init__(self, meter: metrics.Meter | None = None) -> None:
         meter = meter or metrics.get_meter("budget_middleware", "0.1.0")
-        # The API's proxy meter, made while no meter provider is installed: its instruments do
-        # nothing until one is (they then forward to it).
-        self.proxied = _PROXY_METER is not None and isinstance(meter, _PROXY_METER)
         self.reservations = meter.create_counter(
             "budget.reservations", unit="{reservation}", description="reservations by outcome"
         )
@@ -130,40 +118,3 @@ def instruments() -> Instruments:
     if _instruments is None:
         _instruments = Instruments()
     return _instruments
-
-
-def metrics_recorded() -> bool:
-    """False when every call on ``instruments()`` does nothing: they were made from the API's
-    proxy meter and no meter provider is installed yet (as ``spans_recorded`` for spans).
-
-    Asked on every request of the lean path, so that a request without an SDK makes no metric
-    calls; a meter provider installed at any time gets the metrics from the next request on.
-    Should the private name read here ever go, metrics are recorded, as before.
-    """
-    inst = _instruments
-    if inst is None or not inst.proxied:
-        return True
-    try:
-        return _metrics_state._METER_PROVIDER is not None
-    except AttributeError:
-        return True
-
-
-def telemetry_off(t: trace.Tracer) -> bool:
-    """``not spans_recorded(t) and not metrics_recorded()``, in one call: asked on every request.
-
-    The private names are read as plain attributes inside a ``try`` (free while they exist) rather
-    than with ``getattr`` and a default, whose calls cost the request path more than the rest of the
-    check; ``metrics_recorded`` and ``spans_recorded`` read them the same way.
-    """
-    inst = _instruments
-    try:
-        return (
-            type(t) is trace.ProxyTracer
-            and trace._TRACER_PROVIDER is None
-            and inst is not None
-            and inst.proxied
-            and _metrics_state._METER_PROVIDER is None
-        )
-    except AttributeError:  # the API's state moved: every span and metric is made, as before
-        return False

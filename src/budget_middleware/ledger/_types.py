@@ -6,13 +6,12 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from ..keys import Budget
 
 __all__ = [
     "HeldBudget",
-    "HoldFacts",
     "HoldRequest",
     "Ledger",
     "LedgerError",
@@ -23,6 +22,7 @@ __all__ = [
     "SettleOutcome",
     "Settled",
     "Settlement",
+    "SyncLedger",
     "Usage",
     "Violation",
     "check_lease",
@@ -40,11 +40,6 @@ _OUTCOME_RANK: dict[SettleOutcome, int] = {
     "applied": 3,
     "duplicate": 4,
 }
-
-# One hold taken by ``MemoryLedger.reserve_hold``: its window, epoch, limit (after any override),
-# remaining, reset time (None for a lifetime budget), the expired holds purged first (count, ids),
-# whether the reservation id was already held (a replay), and the ledger's time.
-HoldFacts = tuple[int, str, int, int, int | None, int, tuple[str, ...], bool, int]
 
 _HEX = frozenset("0123456789abcdef")
 _random_bits = random.getrandbits
@@ -78,18 +73,6 @@ def check_lease(lease_ms: int, horizon_ms: int) -> None:
     """
     if not 0 < lease_ms <= horizon_ms:
         raise ValueError(f"lease {lease_ms} ms must be positive and at most the horizon {horizon_ms} ms")
-
-
-def fast_path(ledger: object, fast: str, general: str) -> bool:
-    """Whether ``ledger`` offers ``fast`` (a call that skips the request and result objects) from
-    the class that also defines ``general``, the call it stands in for. A subclass that overrides
-    only ``general`` (to count, log or change its calls) is then never bypassed."""
-
-    def owner(name: str) -> type | None:
-        return next((c for c in type(ledger).__mro__ if name in c.__dict__), None)
-
-    fast_owner = owner(fast)
-    return fast_owner is not None and fast_owner is owner(general)
 
 
 class LedgerError(Exception):
@@ -263,3 +246,20 @@ class Ledger(Protocol):
     async def reset(self, budget: Budget) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class SyncLedger(Protocol):
+    """A ledger whose reserve and settle cannot block or fail halfway (the memory ledger).
+
+    The middleware calls ``reserve_now`` without an await or a timeout, and the finalizer applies
+    ``settle_now`` inside ``submit``. For such a ledger these two *are* the reserve and the settle:
+    ``reserve`` and ``settle`` only wrap them, so a subclass that wants to see every call overrides
+    these two.
+    """
+
+    def reserve_now(
+        self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
+    ) -> Reservation | Rejection: ...
+
+    def settle_now(self, settlement: Settlement) -> Settled: ...
