@@ -10,7 +10,7 @@ import pytest
 
 from budget_middleware import BudgetConfig, BudgetMiddleware, MemoryLedger, Rule
 from budget_middleware.keys import Budget
-from budget_middleware.middleware import _ANONYMOUS, _BUDGET_CACHE
+from budget_middleware.resolve import ANONYMOUS as _ANONYMOUS, BUDGET_CACHE as _BUDGET_CACHE
 
 
 async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -60,22 +60,22 @@ def test_cached_and_uncached_agree_cold_and_warm(secret: str | None) -> None:
         for raw in order:
             for i in range(len(mw._rules)):
                 key = None if raw == "" else raw
-                assert mw._budget(i, key) == uncached(mw, i, key), (i, raw)
+                assert mw._resolver._budget(i, key) == uncached(mw, i, key), (i, raw)
 
 
 def test_no_raw_credential_key_and_bounded() -> None:
     mw = build()
     for n in range(3 * _BUDGET_CACHE):
         for i in range(len(mw._rules)):
-            mw._budget(i, f"user-{n}")
-    for i, cache in enumerate(mw._budgets):
+            mw._resolver._budget(i, f"user-{n}")
+    for i, cache in enumerate(mw._resolver._budgets):
         assert len(cache) <= _BUDGET_CACHE
-        if mw._secret[i]:
+        if mw._resolver._secret[i]:
             assert all(isinstance(k, str) and k.startswith("h:") and len(k) == 34 for k in cache)
 
 
 def test_cache_memory_bound_non_ascii() -> None:
     mw = build()
     for n in range(_BUDGET_CACHE + 10):
-        mw._budget(0, ("\U0001f600" * 127) + str(n % 10))
-    assert all(len(k) <= 128 for k in mw._budgets[0] if k is not None)
+        mw._resolver._budget(0, ("\U0001f600" * 127) + str(n % 10))
+    assert all(len(k) <= 128 for k in mw._resolver._budgets[0] if k is not None)

@@ -1024,8 +1024,23 @@ class TestRejectedRequests:
         sent = await h.request()
         assert sent.status == 429
         assert sent.header("retry-after") is None
-        assert "holds 2 usd, above the limit" in sent.json()["detail"]
+        assert "tries to hold 2 usd, above the limit itself" in sent.json()["detail"]
         assert h.app_calls == 0
+
+    async def test_an_estimate_larger_than_what_is_left_is_named_in_the_detail(
+        self, make_harness: HarnessFactory
+    ) -> None:
+        """Spend leaves 0.4 of a limit of 1; a request that holds 0.5 is told that its own size
+        blocks it, so a client knows that a smaller request (a lower max_tokens) would pass."""
+        h = make_harness(
+            respond(charges=("0.6",)), rules=(user_rule(limit=1),), estimate=to_micros("0.5")
+        )
+        assert (await h.request()).status == 200
+        await h.assert_settled_once("completed", to_micros("0.6"))
+        sent = await h.request()
+        assert sent.status == 429
+        detail = sent.json()["detail"]
+        assert "tries to hold 0.5 usd, more than the 0.4 usd the spend leaves" in detail
 
     async def test_openai_format_when_spent_blocks(self, make_harness: HarnessFactory) -> None:
         h = make_harness(
@@ -1038,7 +1053,7 @@ class TestRejectedRequests:
         assert sent.header("x-should-retry") == "false"
         error = sent.json()["error"]
         assert error["type"] == "insufficient_quota"
-        assert error["code"] == "budget_exceeded"
+        assert error["code"] == "insufficient_quota"
         assert error["param"] is None
         assert "user" in error["message"]
 
@@ -1062,7 +1077,10 @@ class TestRejectedRequests:
         assert rejected.status == 429
         assert rejected.header("x-should-retry") == "true"
         assert rejected.header("retry-after") == "1"
-        assert rejected.json()["error"]["type"] == "insufficient_quota"
+        # A rate limit that a short wait lifts, as OpenAI's API words it: the SDKs retry it.
+        error = rejected.json()["error"]
+        assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+        assert "in-flight requests hold the rest" in error["message"]
 
     async def test_admitted_responses_carry_ratelimit_headers(
         self, make_harness: HarnessFactory

@@ -124,7 +124,7 @@ async def test_a_credential_is_kept_only_as_its_digest() -> None:
         http_scope(headers=[("authorization", "Bearer sk-secret")]), ScriptedReceive(), RecordingSend()
     )
     await settle_all(mw.finalizer)
-    (cache,) = mw._budgets
+    (cache,) = mw._resolver._budgets
     assert all(isinstance(k, str) and k.startswith("h:") for k in cache)
     assert all("sk-secret" not in budget.entity for budget in cache.values())
 
@@ -170,4 +170,4 @@ async def test_long_ids_are_not_kept() -> None:
     for user in ("alice", "x" * 129):
         await mw(http_scope(headers=[("x-user", user)]), ScriptedReceive(), RecordingSend())
     await settle_all(mw.finalizer)
-    assert list(mw._budgets[0]) == ["alice"]
+    assert list(mw._resolver._budgets[0]) == ["alice"]

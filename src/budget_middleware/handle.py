@@ -63,6 +63,12 @@ class RequestBudget:
         self._charged += micros
         self._reported = True
 
+    def close(self) -> int | None:
+        """Called by the middleware as the request's settlement is made: the reported total in
+        micro-units (None if nothing was reported); the handle takes no charge from now on."""
+        self._closed = True
+        return self._charged if self._reported else None
+
     @property
     def estimate(self) -> Decimal:
         return to_decimal(self._estimate)

@@ -177,24 +177,19 @@ async def send_rejection(
     )
     if wait is not None:
         headers.append((b"retry-after", str(wait).encode()))
-    details = "; ".join(
-        f"rule {v.budget.rule!r}: limit {format_micros(v.limit)} {unit}, "
-        f"remaining {format_micros(v.remaining)} {unit}"
-        + (
-            f" (this request holds {format_micros(v.amount)} {unit}, above the limit)"
-            if v.amount > v.limit
-            else ("" if v.blocked_by_spend else " (in-flight requests hold the rest)")
-        )
-        for v in violations
-    )
+    details = "; ".join(_violation_detail(v, unit) for v in violations)
     if error_format == "openai":
+        # What OpenAI's API answers and its SDKs and the clients built on them branch on: a spent
+        # quota is ``insufficient_quota`` (not retried), a rate limit that a short wait lifts is
+        # ``rate_limit_exceeded`` (retried after Retry-After).
         headers.append((b"x-should-retry", b"true" if waiting_helps else b"false"))
+        kind = "requests" if waiting_helps else "insufficient_quota"
         body: dict[str, Any] = {
             "error": {
                 "message": f"Budget exceeded: {details}.",
-                "type": "insufficient_quota",
+                "type": kind,
                 "param": None,
-                "code": "budget_exceeded",
+                "code": "rate_limit_exceeded" if waiting_helps else "insufficient_quota",
             }
         }
         await _send_json(send, 429, body, b"application/json", headers)
@@ -218,6 +213,24 @@ async def send_rejection(
         ],
     }
     await _send_json(send, 429, body, b"application/problem+json", headers)
+
+
+def _violation_detail(v: Violation, unit: str) -> str:
+    """One budget's refusal in words; it says what the request tried to hold when that, not the
+    spend, is what refuses it, so a client knows a smaller request (``max_tokens``) would pass."""
+    text = (
+        f"rule {v.budget.rule!r}: limit {format_micros(v.limit)} {unit}, "
+        f"remaining {format_micros(v.remaining)} {unit}"
+    )
+    wants = f"this request tries to hold {format_micros(v.amount)} {unit}"
+    if v.amount > v.limit:
+        return f"{text} ({wants}, above the limit itself)"
+    if v.spent < v.limit and v.spent + v.amount > v.limit:
+        room = format_micros(v.limit - v.spent)
+        return f"{text} ({wants}, more than the {room} {unit} the spend leaves)"
+    if not v.blocked_by_spend:
+        return f"{text} ({wants}; in-flight requests hold the rest, retry shortly)"
+    return text
 
 
 async def send_unavailable(send: Send, detail: str, *, error_format: str) -> None:
