@@ -10,7 +10,8 @@ import pytest
 
 from budget_middleware import BudgetConfig, BudgetMiddleware, MemoryLedger, Rule
 from budget_middleware.keys import Budget
-from budget_middleware.resolve import ANONYMOUS as _ANONYMOUS, BUDGET_CACHE as _BUDGET_CACHE
+from budget_middleware.resolve import ANONYMOUS as _ANONYMOUS
+from budget_middleware.resolve import BUDGET_CACHE as _BUDGET_CACHE
 
 
 async def app(scope: Any, receive: Any, send: Any) -> None:

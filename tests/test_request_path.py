@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from starlette.types import Receive, Scope, Send
 
 import budget_middleware.middleware as middleware_module
+import budget_middleware.reserving as reserving_module
 from asgi_helpers import RecordingSend, ScriptedReceive, http_scope, settle_all
 from budget_middleware import BudgetConfig, BudgetMiddleware, MemoryLedger, Rule, to_micros
 from budget_middleware.handle import charge_micros
@@ -147,6 +148,7 @@ async def test_a_tracer_provider_installed_after_the_middleware_gets_spans(
     # A proxy tracer of our own, as trace.get_tracer gives before any provider is installed.
     proxy = trace.ProxyTracer("budget_middleware", "0.1.0")
     monkeypatch.setattr(middleware_module, "tracer", proxy)
+    monkeypatch.setattr(reserving_module, "tracer", proxy)
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
     config = BudgetConfig(rules=(Rule("user", "header:x-user", 10),), estimate=1)
     mw = BudgetMiddleware(ok_app, config, ledger=MemoryLedger())

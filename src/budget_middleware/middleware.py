@@ -8,7 +8,6 @@ in ``finally``, whatever happened, hand one settlement to the finalizer without 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing
 import os
@@ -28,18 +27,15 @@ from .handle import RequestBudget, get_reservation
 from .journal import Journal
 from .keys import AmbiguousEntity, EntityHasher
 from .ledger import (
-    HeldBudget,
     HoldRequest,
     Ledger,
-    LedgerError,
     MemoryLedger,
-    Rejection,
     Reservation,
     Settlement,
     new_reservation_id,
     redis_ledger_from_url,
 )
-from .ledger._types import SyncLedger
+from .reserving import OUTCOME_ATTRS, Reserver
 from .resolve import Identify, MissingEntity, Resolver, Wanted, recording_request, replaying
 from .responses import (
     admitted_headers,
@@ -50,11 +46,8 @@ from .responses import (
 )
 from .telemetry import (
     ATTR,
-    EVENT_HOLD_EXPIRED,
-    INVALID_SPAN,
     SPAN_RESERVE,
     instruments,
-    spans_recorded,
     tracer,
 )
 from .watcher import ResponseWatcher
@@ -126,8 +119,7 @@ class BudgetMiddleware:
             journal=Journal(config.journal_dir) if config.journal_dir else None,
             max_pending=config.max_pending,
         )
-        # A ledger that reserves synchronously (memory) is called without a timeout or an await.
-        self._reserve_now = ledger.reserve_now if isinstance(ledger, SyncLedger) else None
+        self._reserver = Reserver(ledger, self.finalizer, self.hasher, config)
         self._estimator = estimate
         self._rules = config.rules
         self._resolver = Resolver(config.rules, self.hasher, identify)
@@ -266,10 +258,10 @@ class BudgetMiddleware:
         # 3. Reserve every rule at once.
         rid = new_reservation_id()
         requests = [HoldRequest(budget, rule.limit_micros, estimate) for rule, budget in wanted]
-        result = await self._reserve(rid, requests, estimate)
+        result = await self._reserver.reserve(rid, requests, estimate)
         if result is None:  # the ledger did not answer
             if self.config.fail_mode == "open":
-                instruments().reservations.add(1, _OUTCOME_ATTRS["bypassed"])
+                instruments().reservations.add(1, OUTCOME_ATTRS["bypassed"])
                 await self._unmetered(scope, receive, send, "ledger unavailable")
             else:
                 await send_unavailable(
@@ -431,86 +423,6 @@ class BudgetMiddleware:
             )
             return None
 
-    async def _reserve(
-        self, rid: str, requests: list[HoldRequest], estimate: int
-    ) -> tuple[Reservation | Rejection, trace.SpanContext] | None:
-        """Reserve with a timeout, inside a ``budget.reserve`` span; None if the ledger failed.
-
-        The span is a child of the request's span but is not made current: nothing inside needs
-        it, and attaching a context costs more than the memory ledger's whole reserve.
-        """
-        # Without a tracer provider the span is the invalid one, whose calls below do nothing.
-        span = tracer.start_span(SPAN_RESERVE) if spans_recorded(tracer) else INVALID_SPAN
-        recording = span is not INVALID_SPAN and span.is_recording()
-        if recording:
-            span.set_attributes(
-                {
-                    ATTR.RESERVATION_ID: rid,
-                    ATTR.RULES: [r.budget.rule for r in requests],
-                    ATTR.ENTITIES: [self._span_entity(r.budget.entity) for r in requests],
-                    ATTR.ESTIMATE: estimate,
-                    ATTR.UNIT: self.config.unit,
-                }
-            )
-        try:
-            if self._reserve_now is not None:  # memory: cannot block, so no timeout to arm
-                result = self._reserve_now(rid, requests, self._lease_ms)
-            else:
-                async with asyncio.timeout(self._timeout_s):
-                    result = await self.ledger.reserve(rid, requests, self._lease_ms)
-        except (LedgerError, TimeoutError, OSError) as exc:
-            # The reserve may have run on the server: release whatever it may have held.
-            self._release_unknown(rid, requests, "unavailable")
-            span.set_attribute(ATTR.OUTCOME, "unavailable")
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            span.end()
-            instruments().reservations.add(1, _OUTCOME_ATTRS["unavailable"])
-            logger.warning("budget: reserve failed (%s: %s)", type(exc).__name__, exc)
-            return None
-        except BaseException:
-            self._release_unknown(rid, requests, "cancelled")
-            span.set_attribute(ATTR.OUTCOME, "cancelled")
-            span.end()
-            raise
-        inst = instruments()
-        if result.expired_ids:
-            inst.holds_expired.add(len(result.expired_ids))
-            for expired in result.expired_ids:
-                span.add_event(EVENT_HOLD_EXPIRED, {ATTR.RESERVATION_ID: expired})
-        outcome = "admitted" if result.admitted else "rejected"
-        inst.reservations.add(1, _OUTCOME_ATTRS[outcome])
-        if span is INVALID_SPAN:  # nothing to record or end
-            # The request's own context, valid when an upstream trace was propagated (API-only
-            # instrumentation): the settlement still carries the request's trace id.
-            return result, trace.get_current_span().get_span_context()
-        if recording:
-            span.set_attribute(ATTR.OUTCOME, outcome)
-            span.set_attribute(ATTR.PURGED, result.purged)
-            if isinstance(result, Reservation):
-                span.set_attribute(ATTR.LIMITS, [h.limit for h in result.holds])
-                span.set_attribute(ATTR.REMAINING, [h.remaining for h in result.holds])
-            else:
-                span.set_attribute(ATTR.VIOLATED, [v.budget.rule for v in result.violations])
-                span.set_attribute(ATTR.LIMITS, [v.limit for v in result.violations])
-                span.set_attribute(ATTR.REMAINING, [v.remaining for v in result.violations])
-        span.end()
-        return result, span.get_span_context()
-
-    def _span_entity(self, token: str) -> str:
-        return token if self.config.span_raw_ids else self.hasher.for_span(token)
-
-    def _release_unknown(self, rid: str, requests: list[HoldRequest], reason: str) -> None:
-        holds = tuple(HeldBudget(r.budget, r.amount, -1, "", r.limit, 0, None) for r in requests)
-        estimate = requests[0].amount if requests else 0
-        self.finalizer.submit(Settlement(rid, holds, 0, f"release-{reason}", estimate))
-
 
 def _names(wanted: Wanted) -> tuple[str, ...]:
     return tuple(rule.name for rule, _ in wanted)
-
-
-# Built once: the attributes of the reservation counter, by outcome.
-_OUTCOME_ATTRS = {
-    outcome: {ATTR.OUTCOME: outcome} for outcome in ("admitted", "rejected", "unavailable", "bypassed")
-}
