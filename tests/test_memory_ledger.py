@@ -66,3 +66,46 @@ async def test_a_hold_still_expires_after_the_heap_was_rebuilt() -> None:
     assert usage.holds == 0
     assert settle(ledger, forgotten, actual=7) == "late"
     assert (await ledger.usage(BUDGET, 10**12)).spent == 500 + 7
+
+
+def test_budgets_minted_by_throwaway_ids_are_forgotten_a_bounded_batch_at_a_time() -> None:
+    """Before, every 10k operations the ledger walked every budget it knew (O(N) on the request
+    path), and the period of each budget ever seen stayed in a dict that was never pruned."""
+    from budget_middleware.ledger import memory
+
+    clock = Clock()
+    ledger = MemoryLedger(horizon_ms=60_000, clock=clock)
+    for n in range(3_000):  # throwaway ids, one request each, settled with no spend
+        b = Budget("user", f"r:u{n}", 86_400_000)
+        r = ledger.reserve_now(new_reservation_id(clock.now), [HoldRequest(b, 10, 1)], LEASE_MS)
+        assert isinstance(r, Reservation)
+        ledger.settle_now(Settlement(r.id, r.holds, 0, "completed", 1))
+    assert len(ledger._states) == 3_000
+    assert not hasattr(ledger, "_periods")
+    clock.now += 61_000  # every one of them idle past the horizon
+    looked_at: list[int] = []
+    sweep = ledger._sweep
+
+    def counting_sweep(now: int) -> None:
+        before = len(ledger._idle_heap)
+        sweep(now)
+        looked_at.append(before - len(ledger._idle_heap))
+
+    ledger._sweep = counting_sweep  # type: ignore[method-assign]
+    while len(ledger._states) > 1 and len(looked_at) < 100:
+        reserve(ledger)  # the one busy budget keeps the ledger ticking
+    assert ledger._states.keys() == {(BUDGET.rule, BUDGET.entity)}
+    assert max(looked_at) <= memory._SWEEP_BATCH
+    assert len(ledger._idle_heap) <= 2
+
+
+def test_an_idle_budget_with_spend_keeps_its_spend_until_its_window_is_old() -> None:
+    clock = Clock()
+    ledger = MemoryLedger(horizon_ms=60_000, clock=clock)
+    r = reserve(ledger)
+    assert settle(ledger, r, actual=5) == "applied"
+    clock.now += 61_000
+    for _ in range(2_000):
+        ledger._tick(clock.now)
+    state = ledger._states[(BUDGET.rule, BUDGET.entity)]
+    assert sum(state.spent.values()) == 5  # the window has not ended: its spend is the record

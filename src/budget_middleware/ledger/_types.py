@@ -25,6 +25,7 @@ __all__ = [
     "SyncLedger",
     "Usage",
     "Violation",
+    "admits",
     "check_lease",
     "id_time_ms",
     "new_reservation_id",
@@ -73,6 +74,14 @@ def check_lease(lease_ms: int, horizon_ms: int) -> None:
     """
     if not 0 < lease_ms <= horizon_ms:
         raise ValueError(f"lease {lease_ms} ms must be positive and at most the horizon {horizon_ms} ms")
+
+
+def admits(limit: int, spent: int, held: int, amount: int) -> bool:
+    """The admission rule, the one place it is written in Python (``_common.lua`` has Redis's): a
+    hold of ``amount`` is admitted only while the budget has room, ``remaining > 0``, and it fits,
+    ``spent + held + amount <= limit``, so a zero estimate cannot pass an exhausted budget."""
+    left = limit - spent - held
+    return left > 0 and amount <= left
 
 
 class LedgerError(Exception):

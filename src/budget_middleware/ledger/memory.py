@@ -25,6 +25,7 @@ from ._types import (
     SettleOutcome,
     Usage,
     Violation,
+    admits,
     check_lease,
     id_time_ms,
 )
@@ -197,7 +198,7 @@ class MemoryLedger:
             heap = st.expiry_heap
             if heap and heap[0][0] <= now:
                 purged += self._purge(st, now, expired_ids)
-            window = now - now % b.period_ms if b.period_ms else 0
+            window = b.window_of(now)
             limit = limits.get(key, h.limit) if limits else h.limit
             rows.append((h, st, window, limit, st.spent.get(window, 0)))
 
@@ -206,7 +207,7 @@ class MemoryLedger:
             violations = [
                 Violation(h.budget, limit, spent, st.held, h.amount, h.budget.reset_ms(w), now)
                 for h, st, w, limit, spent in rows
-                if limit - spent - st.held <= 0 or spent + st.held + h.amount > limit
+                if not admits(limit, spent, st.held, h.amount)
             ]
             if violations:
                 return Rejection(reservation_id, tuple(violations), purged, tuple(expired_ids))
@@ -227,7 +228,7 @@ class MemoryLedger:
                     st.epoch,
                     limit,
                     limit - spent - st.held,
-                    window + b.period_ms if b.period_ms else None,
+                    b.reset_ms(window),
                 )
             )
         return Reservation(
@@ -259,25 +260,21 @@ class MemoryLedger:
             found: list[str] = []
             purged = self._purge(st, now, found)
             expired_ids = tuple(found)
-        period = b.period_ms
-        window = now - now % period if period else 0
-        reset_ms = window + period if period else None
+        window = b.window_of(now)
+        reset_ms = b.reset_ms(window)
         limit = self._limits.get(key, h.limit) if self._limits else h.limit
         spent = st.spent.get(window, 0)
         amount = h.amount
         replay = reservation_id in st.holds
-        # What the limit leaves before this hold, worked out once for the check and the remaining.
-        left = limit - spent - st.held
         if not replay:
-            if left <= 0 or amount > left:  # spent + held + amount > limit
+            if not admits(limit, spent, st.held, amount):
                 violation = Violation(b, limit, spent, st.held, amount, reset_ms, now)
                 return Rejection(reservation_id, (violation,), purged, expired_ids)
             expiry = now + lease_ms
             st.holds[reservation_id] = (expiry, amount)
             heapq.heappush(heap, (expiry, reservation_id))
             st.held += amount
-            left -= amount
-        held = HeldBudget(b, amount, window, st.epoch, limit, left, reset_ms)
+        held = HeldBudget(b, amount, window, st.epoch, limit, limit - spent - st.held, reset_ms)
         return Reservation(reservation_id, (held,), lease_ms, now, purged, expired_ids, replay)
 
     def _settle_one(self, s: Settlement, now: int | None = None) -> Settled:
