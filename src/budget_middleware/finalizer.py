@@ -47,6 +47,7 @@ from .telemetry import (
     SPAN_RENEW,
     SPAN_SETTLE,
     instruments,
+    metrics_recorded,
     tracer,
 )
 
@@ -644,12 +645,13 @@ class Finalizer:
             self._marks.append(s.reservation_id)
         outcomes = self.outcomes
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        inst = instruments()
-        inst.settlements.add(1, _settlement_attrs(s.reason, outcome))
-        if s.actual:
-            for hb, o in zip(s.holds, result.outcomes, strict=False):
-                if o == "applied" or o == "late" or o == "recovered":
-                    inst.spend.add(s.actual, _rule_attrs(hb.budget.rule))
+        if metrics_recorded():  # no calls that would do nothing while no meter provider is set
+            inst = instruments()
+            inst.settlements.add(1, _settlement_attrs(s.reason, outcome))
+            if s.actual:
+                for hb, o in zip(s.holds, result.outcomes, strict=False):
+                    if o == "applied" or o == "late" or o == "recovered":
+                        inst.spend.add(s.actual, _rule_attrs(hb.budget.rule))
         context = s.context
         if context is INVALID_SPAN_CONTEXT or (
             isinstance(context, SpanContext) and not context.is_valid

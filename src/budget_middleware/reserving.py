@@ -10,7 +10,7 @@ import asyncio
 import logging
 
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, Status, StatusCode
 
 from .config import BudgetConfig
 from .finalizer import Finalizer
@@ -23,6 +23,7 @@ from .telemetry import (
     INVALID_SPAN,
     SPAN_RESERVE,
     instruments,
+    metrics_recorded,
     spans_recorded,
     tracer,
 )
@@ -94,17 +95,20 @@ class Reserver:
             span.set_attribute(ATTR.OUTCOME, "cancelled")
             span.end()
             raise
-        inst = instruments()
-        if result.expired_ids:
-            inst.holds_expired.add(len(result.expired_ids))
-            for expired in result.expired_ids:
-                span.add_event(EVENT_HOLD_EXPIRED, {ATTR.RESERVATION_ID: expired})
         outcome = "admitted" if result.admitted else "rejected"
-        inst.reservations.add(1, OUTCOME_ATTRS[outcome])
+        if metrics_recorded():  # no calls that would do nothing while no meter provider is set
+            inst = instruments()
+            if result.expired_ids:
+                inst.holds_expired.add(len(result.expired_ids))
+            inst.reservations.add(1, OUTCOME_ATTRS[outcome])
         if span is INVALID_SPAN:  # nothing to record or end
             # The request's own context, valid when an upstream trace was propagated (API-only
-            # instrumentation): the settlement still carries the request's trace id.
+            # instrumentation): the on_settled hook still sees the request's trace id.
+            if self._finalizer.on_settled is None:
+                return result, INVALID_SPAN_CONTEXT
             return result, trace.get_current_span().get_span_context()
+        for expired in result.expired_ids:
+            span.add_event(EVENT_HOLD_EXPIRED, {ATTR.RESERVATION_ID: expired})
         if recording:
             span.set_attribute(ATTR.OUTCOME, outcome)
             span.set_attribute(ATTR.PURGED, result.purged)

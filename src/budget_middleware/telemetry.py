@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from opentelemetry import metrics, trace
 
+try:  # the API's own state: read, never written, and only to skip work that would do nothing
+    from opentelemetry.metrics import _internal as _metrics_state
+
+    _PROXY_METER: type | None = _metrics_state._ProxyMeter
+except (ImportError, AttributeError):  # pragma: no cover - a future API without these names
+    _PROXY_METER = None
+
 __all__ = [
     "ATTR",
     "INVALID_SPAN",
@@ -16,6 +23,7 @@ __all__ = [
     "SPAN_SETTLE",
     "Instruments",
     "instruments",
+    "metrics_recorded",
     "spans_recorded",
     "tracer",
 ]
@@ -85,6 +93,9 @@ class Instruments:
 
     def __init__(self, meter: metrics.Meter | None = None) -> None:
         meter = meter or metrics.get_meter("budget_middleware", "0.1.0")
+        # The API's proxy meter, made while no meter provider is installed: its instruments do
+        # nothing until one is (they then forward to it).
+        self.proxied = _PROXY_METER is not None and isinstance(meter, _PROXY_METER)
         self.reservations = meter.create_counter(
             "budget.reservations", unit="{reservation}", description="reservations by outcome"
         )
@@ -118,3 +129,20 @@ def instruments() -> Instruments:
     if _instruments is None:
         _instruments = Instruments()
     return _instruments
+
+
+def metrics_recorded() -> bool:
+    """False when every call on ``instruments()`` would do nothing: they were made from the API's
+    proxy meter and no meter provider is installed yet (as ``spans_recorded`` for spans).
+
+    Asked once per reserve and per settlement, so that a request without an SDK makes no metric
+    calls; a meter provider installed at any time gets the metrics from the next request on. Should
+    the private name read here ever go, metrics are recorded, as before.
+    """
+    inst = _instruments
+    if inst is None or not inst.proxied:
+        return True
+    try:
+        return _metrics_state._METER_PROVIDER is not None
+    except AttributeError:
+        return True

@@ -76,11 +76,20 @@ class ResponseWatcher:
         if kind == "http.response.start":
             self.status = message["status"]
             self.expect_trailers = message.get("trailers", False)  # read for its truth only
+            raw = message.get("headers", ())
+            # Only a header whose name has the charge header's length can be it: most responses
+            # have none, and their headers are concatenated as they are.
+            size = len(self._charge_header)
+            for header in raw:
+                if len(header[0]) == size or type(header) is not tuple:
+                    headers = self._without_charge(raw, "header") + self._budget_headers
+                    break
+            else:
+                headers = (
+                    raw + self._budget_headers if type(raw) is list else [*raw, *self._budget_headers]
+                )
             message = dict(message)  # the app's own message is left as it was
-            message["headers"] = [
-                *self._without_charge(message.get("headers", ()), "header"),
-                *self._budget_headers,
-            ]
+            message["headers"] = headers
         elif kind == "http.response.body" or kind == "http.response.zerocopysend":
             final = not message.get("more_body", False) and not self.expect_trailers
         elif kind == "http.response.trailers":

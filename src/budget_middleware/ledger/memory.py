@@ -364,6 +364,12 @@ class MemoryLedger:
     def settle_now(self, settlement: Settlement) -> Settled:
         """Settle synchronously: the memory ledger cannot fail or block, so the finalizer applies
         its settlements at once instead of queueing them."""
+        holds = settlement.holds
+        if len(holds) == 1:  # most requests have one rule
+            hb = holds[0]
+            rid = settlement.reservation_id
+            outcome = self._settle_hold(rid, hb.budget, hb.window, hb.epoch, settlement.actual)
+            return Settled(rid, (outcome,))
         return self._settle_one(settlement)
 
     async def settle(self, settlement: Settlement) -> Settled:
