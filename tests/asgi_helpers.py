@@ -23,7 +23,7 @@ from starlette.types import Message
 import budget_middleware.finalizer as finalizer_module
 import budget_middleware.middleware as middleware_module
 import budget_middleware.reserving as reserving_module
-from budget_middleware import Finalizer, MemoryLedger, Settled, Settlement, telemetry
+from budget_middleware import Finalizer, Settled, Settlement, telemetry
 
 __all__ = [
     "DEADLINE_S",
@@ -269,36 +269,6 @@ async def settle_all(finalizer: Finalizer, timeout_s: float = DEADLINE_S) -> Non
     await wait_until(lambda: finalizer.pending == 0, timeout_s=timeout_s, what="the finalizer")
 
 
-class CountingLedger(MemoryLedger):
-    """A memory ledger that counts the calls of the general path (``reserve_now``, ``settle_now``).
-
-    It overrides the lean path's calls too, so the lean path still serves it (see ``fast_path``).
-    """
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.general_reserves = 0
-        self.general_settles = 0
-
-    @property
-    def general(self) -> int:
-        return self.general_reserves + self.general_settles
-
-    def reserve_now(self, reservation_id: str, holds: Any, lease_ms: int) -> Any:
-        self.general_reserves += 1
-        return super().reserve_now(reservation_id, holds, lease_ms)
-
-    def settle_now(self, settlement: Settlement) -> Any:
-        self.general_settles += 1
-        return super().settle_now(settlement)
-
-    def reserve_hold(self, *args: Any) -> Any:
-        return super().reserve_hold(*args)
-
-    def settle_hold(self, *args: Any) -> Any:
-        return super().settle_hold(*args)
-
-
 class LedgerProxy:
     """A real ledger behind hooks a test controls: gate settlements, fail renewals, lose replies.
 
@@ -354,8 +324,7 @@ class LedgerProxy:
 
 def without_telemetry_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
     """No tracer provider and no meter provider, whatever other tests installed; the package's
-    instruments made from the API's proxy meter, as in a process without an SDK (where the
-    middleware takes its lean path)."""
+    instruments made from the API's proxy meter, as in a process without an SDK."""
     proxy_tracer = trace.ProxyTracer("budget_middleware", "0.1.0")
     for module in (telemetry, middleware_module, reserving_module, finalizer_module):
         monkeypatch.setattr(module, "tracer", proxy_tracer)

@@ -2,7 +2,7 @@
 
 Each fast path (plain charge strings, one hold's RateLimit headers, one-pass header ids, budgets
 kept per entity id, spans skipped without a tracer provider) is checked against the slower code
-it replaces, on ordinary and on awkward input.
+it replaces, on ordinary and on awkward input; the caches it keeps stay bounded.
 """
 
 from __future__ import annotations
@@ -17,14 +17,25 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.types import Receive, Scope, Send
 
+import budget_middleware.handle as handle_module
 import budget_middleware.middleware as middleware_module
 import budget_middleware.reserving as reserving_module
+import budget_middleware.responses as responses_module
 from asgi_helpers import RecordingSend, ScriptedReceive, http_scope, settle_all
 from budget_middleware import BudgetConfig, BudgetMiddleware, MemoryLedger, Rule, to_micros
 from budget_middleware.handle import charge_micros
-from budget_middleware.keys import AmbiguousEntity, Budget, KeySource, _header_values, _single
+from budget_middleware.keys import (
+    AmbiguousEntity,
+    Budget,
+    KeySource,
+    _header_values,
+    _single,
+    header_id,
+    header_value,
+    plain_id,
+)
 from budget_middleware.ledger import HeldBudget
-from budget_middleware.responses import admitted_headers, rate_limit_headers
+from budget_middleware.responses import admitted_headers, hold_headers, rate_limit_headers
 from budget_middleware.telemetry import SPAN_RESERVE, spans_recorded
 
 AMOUNTS = [
@@ -47,27 +58,61 @@ def test_a_charge_converts_exactly_as_to_micros_does(value: Any) -> None:
     assert fast == micros_or_error(lambda v: to_micros(v, what="charge"), value)
 
 
-def held(remaining: int, reset_ms: int | None, period_ms: int = 86_400_000) -> HeldBudget:
-    return HeldBudget(Budget("user", "r:alice", period_ms), 5, 0, "e", 100, remaining, reset_ms)
+def test_the_charge_cache_is_bounded_and_gives_each_string_its_own_value() -> None:
+    for n in range(5_000):
+        text = f"{n}.{n % 997:03d}"
+        assert charge_micros(text, "charge") == n * 1_000_000 + (n % 997) * 1_000
+        assert len(handle_module._plain) <= handle_module._PLAIN_CACHE
+    # A string cached before a clear and after it is worth the same.
+    assert charge_micros("0.25", "charge") == 250_000
+    handle_module._plain.clear()
+    assert charge_micros("0.25", "charge") == 250_000
 
 
 @pytest.mark.parametrize(
-    ("remaining", "reset_ms", "period_ms"),
-    [
-        (95, 86_400_000, 86_400_000),
-        (0, 1_000, 1_000),
-        (-7, 1_001, 1_000),  # an overrun: never a negative remaining
-        (10, 999, 1_000),  # reset in the past: zero seconds, not negative
-        (10, None, 0),  # a lifetime budget: no reset
-    ],
+    "text",
+    ["1" * 10_000, "\xff\xfe", "0.1234567", "-1", "NaN", "1e3", "١٢", "1_000", " 1", "1.", ".5", ""],
 )
+def test_the_charge_cache_keeps_no_string_that_is_not_plain(text: str) -> None:
+    handle_module._plain.clear()
+    try:
+        charge_micros(text, "charge")
+    except ValueError:
+        pass
+    assert text not in handle_module._plain
+
+
+DAY_MS = 86_400_000
+NOW_MS = 1_800_000_000_000
+
+# One budget's RateLimit inputs: (rule, limit, period_ms, remaining, reset_ms, now_ms).
+RATELIMIT_CASES = [
+    ("user", 100, DAY_MS, 95, DAY_MS, 1_000),
+    ("user", 100, 1_000, 0, 1_000, 1_000),  # at the reset: t=0
+    ("user", 100, 1_000, -7, 1_001, 1_000),  # an overrun: never a negative remaining
+    ("user", 100, 1_000, 10, 999, 1_000),  # reset in the past: zero seconds, not negative
+    ("user", 100, 0, 10, None, 1_000),  # a lifetime budget: no reset
+    ("user", 10_000_000, DAY_MS, 3, NOW_MS + 1_001, NOW_MS),  # rounded up: t=2
+    ("équipe-%d", 10**15, 3_600_000, 10**15 - 1, NOW_MS + 3_600_000, NOW_MS),  # not ASCII, a %
+]
+
+
+@pytest.mark.parametrize("case", RATELIMIT_CASES, ids=lambda c: f"{c[0]}-{c[3]}-{c[4]}")
 def test_one_holds_ratelimit_headers_are_the_general_ones(
-    remaining: int, reset_ms: int | None, period_ms: int
+    case: tuple[str, int, int, int, int | None, int],
 ) -> None:
-    hold = held(remaining, reset_ms, period_ms)
-    general = rate_limit_headers([("user", 100, remaining, period_ms, reset_ms, 1_000)])
-    assert admitted_headers([hold], 1_000) == general
-    assert admitted_headers([hold], 1_000) == general  # and again, from the cache
+    rule, limit, period_ms, remaining, reset_ms, now_ms = case
+    general = rate_limit_headers([(rule, limit, remaining, period_ms, reset_ms, now_ms)])
+    hold = HeldBudget(Budget(rule, "r:alice", period_ms), 5, 0, "e", limit, remaining, reset_ms)
+    responses_module._single_policy_cache.clear()
+    assert admitted_headers([hold], now_ms) == general  # built
+    assert admitted_headers([hold], now_ms) == general  # and again, from the cache
+
+
+def test_the_ratelimit_policy_cache_is_bounded() -> None:
+    for n in range(3_000):
+        hold_headers("user", n, DAY_MS, n, None, 0)
+        assert len(responses_module._single_policy_cache) <= 1024
 
 
 HEADER_CASES: list[list[tuple[bytes, bytes]]] = [
@@ -79,6 +124,11 @@ HEADER_CASES: list[list[tuple[bytes, bytes]]] = [
     [(b"x-user", b"bob"), (b"x-other", b"eve"), (b"x-user", b"eve")],
     [(b"x-user", b"b\xc3\xb6b")],
     [(b"x-user", b"   ")],
+    [(b"X-User", b" alice "), (b"x-user", b"alice")],
+    [(b"x-user", "h\u00e9".encode())],
+    [(b"x-user", b"\xff\xfe\x80")],
+    [(b"x-user", b"a"), (b"x-user", b"b")],
+    [(b"x-user", b"")],
 ]
 
 
@@ -97,6 +147,19 @@ def test_a_header_id_is_found_as_the_general_lookup_finds_it(
     except AmbiguousEntity as exc:
         found = ("ambiguous", str(exc))
     assert found == expected
+
+
+@pytest.mark.parametrize("headers", HEADER_CASES)
+def test_a_headers_bytes_decode_to_its_id(headers: list[tuple[bytes, bytes]]) -> None:
+    source = KeySource.parse("header:x-user")
+    scope = {"headers": headers}
+    try:
+        value = header_value(scope, b"x-user", source)
+    except AmbiguousEntity:
+        with pytest.raises(AmbiguousEntity):
+            header_id(scope, b"x-user", source)
+        return
+    assert header_id(scope, b"x-user", source) == (None if value is None else plain_id(value))
 
 
 async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:

@@ -55,6 +55,7 @@ async def test_remote_parent_without_provider_keeps_the_request_trace_id(
     await settle_all(mw.finalizer)
     (settlement, _settled) = log.only()
     assert settlement.trace_id == format(TRACE_ID, "032x")
+    assert settlement.context == parent
 
 
 def test_missing_private_name_means_spans_are_started(monkeypatch: pytest.MonkeyPatch) -> None:
