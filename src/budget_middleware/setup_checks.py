@@ -97,8 +97,9 @@ def _environment_warnings(python_config: bool, environ: Mapping[str, str]) -> li
         ]
     warnings = []
     for unknown in (k for k in present if k not in ENV_VARIABLES):
-        close = difflib.get_close_matches(unknown, sorted(ENV_VARIABLES), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        # Compared without the prefix they share, which would make every name look alike.
+        close = difflib.get_close_matches(unknown[7:], [k[7:] for k in sorted(ENV_VARIABLES)], 1, 0.75)
+        hint = f" (did you mean BUDGET_{close[0]}?)" if close else ""
         warnings.append(f"{unknown} is not a budget-middleware setting and is ignored{hint}")
     return warnings
 
