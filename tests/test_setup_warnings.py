@@ -103,11 +103,20 @@ def test_a_python_config_wins_and_the_variables_it_ignores_are_named() -> None:
     environ = {"BUDGET_LIMIT": "5", "BUDGET_REDIS_URL": "redis://cache", "BUDGET_UNIT": " ", "HOME": "/"}
     (warning,) = in_python(BudgetConfig(rules=(rule(),), secret="k"), environ)
     assert warning == (
-        "a config was given in Python, so it wins entirely and these BUDGET_* variables are "
-        "ignored: BUDGET_LIMIT, BUDGET_REDIS_URL"
+        "a config was given in Python, so it wins entirely: the middleware reads no BUDGET_* "
+        "variable, and these are set: BUDGET_LIMIT, BUDGET_REDIS_URL (they count only where the "
+        "app's own code reads them, with BudgetConfig.from_env)"
     )
     # The same variables read by from_env are no warning.
     assert from_env(BUDGET_REDIS_URL="redis://cache") == []
+
+
+def test_a_config_made_from_the_environment_and_passed_on_is_no_warning() -> None:
+    environ = {**GOOD_ENV, "BUDGET_REDIS_URL": "redis://cache", "PATH": "/bin"}
+    assert in_python(BudgetConfig.from_env(environ), environ) == []
+    # ... but one changed after it was read no longer says what the variables say.
+    changed = BudgetConfig.from_env(environ).with_rules(rule())
+    assert len(in_python(changed, environ)) == 1
 
 
 def test_a_misspelt_variable_is_named_with_the_setting_it_resembles() -> None:

@@ -11,7 +11,7 @@ import difflib
 from collections.abc import Mapping
 
 from .amounts import format_micros
-from .config import BudgetConfig
+from .config import BudgetConfig, ConfigError
 
 __all__ = ["ENV_VARIABLES", "setup_warnings"]
 
@@ -61,7 +61,7 @@ def setup_warnings(
     ``BUDGET_*`` variable is then ignored); ``environ``: the process environment; ``estimator``:
     an estimate callable is installed, so the fixed estimate is not what requests hold.
     """
-    warnings = _environment_warnings(python_config, environ)
+    warnings = _environment_warnings(config, python_config, environ)
     if not config.rules:
         where = (
             "the config has no rules"
@@ -83,17 +83,21 @@ def setup_warnings(
     return warnings
 
 
-def _environment_warnings(python_config: bool, environ: Mapping[str, str]) -> list[str]:
-    """Variables that are set and yet read by no one: all of them beside a Python config, and
-    names that are not settings (a typo) otherwise."""
+def _environment_warnings(
+    config: BudgetConfig, python_config: bool, environ: Mapping[str, str]
+) -> list[str]:
+    """Variables that are set and yet read by no one: all of them beside a Python config (unless
+    it is what they make, ``BudgetConfig.from_env()`` passed on), and names that are not settings
+    (a typo) otherwise."""
     present = sorted(k for k, v in environ.items() if k.startswith("BUDGET_") and v.strip())
     if python_config:
         ignored = [k for k in present if k in ENV_VARIABLES]
-        if not ignored:
+        if not ignored or _made_by(config, environ):
             return []
         return [
-            "a config was given in Python, so it wins entirely and these BUDGET_* variables are "
-            f"ignored: {', '.join(ignored)}"
+            "a config was given in Python, so it wins entirely: the middleware reads no BUDGET_* "
+            f"variable, and these are set: {', '.join(ignored)} (they count only where the app's "
+            "own code reads them, with BudgetConfig.from_env)"
         ]
     warnings = []
     for unknown in (k for k in present if k not in ENV_VARIABLES):
@@ -125,3 +129,13 @@ def _rejecting_rules(config: BudgetConfig, python_config: bool, estimator: bool)
                 "it applies to is rejected (unless an entity has a limit override above it)"
             )
     return warnings
+
+
+def _made_by(config: BudgetConfig, environ: Mapping[str, str]) -> bool:
+    """Whether ``config`` is exactly what the variables in ``environ`` make."""
+    try:
+        return config == BudgetConfig.from_env(
+            {k: v for k, v in environ.items() if k.startswith("BUDGET_")}
+        )
+    except ConfigError:
+        return False
