@@ -26,12 +26,12 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NoReturn, TypeVar
 from urllib.parse import parse_qsl
 
-from .amounts import format_micros, to_micros
+from .amounts import to_micros
+from .cli_format import check_facts, check_lines, money, usage_facts, usage_lines
 from .config import BudgetConfig, ConfigError, Rule
 from .keys import Budget, EntityHasher
 from .ledger import Ledger, LedgerError, Usage, redact_url
@@ -40,6 +40,8 @@ from .setup_checks import setup_warnings
 
 __all__ = ["main"]
 
+T = TypeVar("T")
+
 EXIT_LEDGER = 1  # the ledger failed or could not be reached
 EXIT_USAGE = 2  # what was typed or configured is wrong (argparse's own code)
 EXIT_INTERRUPTED = 130
@@ -47,11 +49,9 @@ EXIT_INTERRUPTED = 130
 LEDGER_DEADLINE_S = 30.0
 # The tokens these commands print: a raw id, or a digest (keys.py makes both).
 _TOKEN = re.compile(r"r:[A-Za-z0-9._@-]{1,64}|h:[0-9a-f]{32}")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_UNITS_MS = (("w", 604_800_000), ("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000))
 
 
-class Refused(Exception):
+class _Refused(Exception):
     """A mistake the operator can fix, or a ledger that failed: one line on stderr, exit ``code``."""
 
     def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
@@ -63,7 +63,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (without the usage it prints first by default)."""
 
     def error(self, message: str) -> NoReturn:
-        raise Refused(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise _Refused(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 class _Collected(logging.Handler):
@@ -88,14 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for message in collected.messages:
             print(f"warning: {_scrub(message)}", file=sys.stderr)
         return code
-    except Refused as exc:
+    except _Refused as exc:
         return _fail(str(exc), exc.code)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:
         # The reader of stdout left (`| head`): stop writing, and keep the exit's flush quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_LEDGER
+        return 1
     except Exception as exc:
         return _fail(f"unexpected error ({type(exc).__name__}: {exc}); please report it", EXIT_LEDGER)
     finally:
@@ -113,24 +113,24 @@ def _run(argv: Sequence[str] | None, collected: _Collected) -> int:
     try:
         config = BudgetConfig.from_env()
     except ConfigError as exc:
-        raise Refused(f"configuration error: {exc}") from None
+        raise _Refused(f"configuration error: {exc}") from None
     if args.command == "check":
         return asyncio.run(_check(config, collected, as_json=args.json))
     if not config.redis_url:
-        raise Refused(
+        raise _Refused(
             f"{args.command} needs BUDGET_REDIS_URL: without it the app uses a memory ledger, which "
             "lives inside the app's own process where this command cannot reach it"
         )
     rule, budget = _budget(config, args.rule, args.entity)
     limit = _limit(args.limit, config.unit) if args.command == "set-limit" else None
     usage = asyncio.run(_operate(config, args.command, rule, budget, limit))
-    facts = _usage_facts(config, rule, usage)
+    facts = usage_facts(config, rule, usage)
     if args.json:
         print(json.dumps({"command": args.command, **facts}, indent=2))
         return 0
     if args.command == "set-limit":
         print(
-            f"limit of {budget.entity} under rule {rule.name!r} set to {_money(limit, config.unit)}"
+            f"limit of {budget.entity} under rule {rule.name!r} set to {money(limit, config.unit)}"
             if limit is not None
             else f"limit override of {budget.entity} under rule {rule.name!r} removed"
         )
@@ -138,7 +138,7 @@ def _run(argv: Sequence[str] | None, collected: _Collected) -> int:
         print(f"spend of {budget.entity} under rule {rule.name!r} cleared in the current window")
     digested = budget.entity.startswith("h:") and args.entity != budget.entity
     given = " (the digest of the id given)" if digested else ""
-    print("\n".join(_usage_lines(facts, given)))
+    print("\n".join(usage_lines(facts, given)))
     return 0
 
 
@@ -196,19 +196,19 @@ def _budget(config: BudgetConfig, rule_name: str, entity: str) -> tuple[Rule, Bu
     rule = next((r for r in config.rules if r.name == rule_name), None)
     if rule is None:
         if not config.rules:
-            raise Refused(
+            raise _Refused(
                 f"no rule named {rule_name!r}: no rules are configured "
                 "(set BUDGET_KEY and BUDGET_LIMIT, or BUDGET_RULES)"
             )
         names = ", ".join(r.name for r in config.rules)
-        raise Refused(f"no rule named {rule_name!r}; the rules are: {names}")
+        raise _Refused(f"no rule named {rule_name!r}; the rules are: {names}")
     if entity == "":
-        raise Refused("the entity is empty: give the id requests carry, or its r:/h: token")
+        raise _Refused("the entity is empty: give the id requests carry, or its r:/h: token")
     # As the middleware decides: an id from a credential source is always digested.
     secret = rule.secret or (rule.source is not None and rule.source.secret)
     if _TOKEN.fullmatch(entity):  # no raw id has a colon, so this is a token, not an id
         if secret and entity.startswith("r:"):
-            raise Refused(
+            raise _Refused(
                 f"rule {rule.name!r} takes its ids from a credential ({rule.describe_source()}), "
                 f"which is always digested: {entity!r} is none of its entities; give the id itself "
                 "or its h: digest"
@@ -225,7 +225,7 @@ def _limit(text: str, unit: str) -> int | None:
     try:
         return to_micros(text, what="limit")
     except ValueError as exc:
-        raise Refused(f"set-limit: {exc}; give an amount in {unit} (such as 12.5) or none") from None
+        raise _Refused(f"set-limit: {exc}; give an amount in {unit} (such as 12.5) or none") from None
 
 
 # -- the ledger ------------------------------------------------------------------------------------
@@ -238,116 +238,60 @@ def _open(config: BudgetConfig) -> Ledger:
         raise _url_error(config, exc) from None
 
 
-def _url_error(config: BudgetConfig, exc: ValueError) -> Refused:
+def _url_error(config: BudgetConfig, exc: ValueError) -> _Refused:
     """A URL that the ledger (or redis-py, at the first call) cannot parse."""
     url = config.redis_url or ""
     # With credentials in it, the parser's words may quote a piece of the password.
     why = "it cannot be parsed (percent-encode a password's /, #, ? and @)" if "@" in url else exc
-    return Refused(f"configuration error: BUDGET_REDIS_URL={redact_url(url)!r}: {why}")
+    return _Refused(f"configuration error: BUDGET_REDIS_URL={_shown_url(url)!r}: {why}")
+
+
+async def _on_ledger(config: BudgetConfig, work: Callable[[Ledger, list[str]], Awaitable[T]]) -> T:
+    """``await work(ledger, done)`` on a ledger made for the command, its failures turned into
+    one line. ``work`` appends to ``done`` what it wrote, which an error must not hide."""
+    ledger = _open(config)
+    done: list[str] = []
+    try:
+        async with asyncio.timeout(LEDGER_DEADLINE_S):
+            return await work(ledger, done)
+    except TimeoutError:
+        why = f"no answer in {LEDGER_DEADLINE_S:g} s"
+        raise _Refused(f"ledger error: {''.join(done)}{why}", EXIT_LEDGER) from None
+    except (LedgerError, OSError) as exc:
+        raise _Refused(f"ledger error: {''.join(done)}{exc}", EXIT_LEDGER) from None
+    except ValueError as exc:  # redis-py parses the URL at the first call, before any write
+        raise _url_error(config, exc) from None
+    finally:
+        await ledger.aclose()
 
 
 async def _operate(
     config: BudgetConfig, command: str, rule: Rule, budget: Budget, limit: int | None
 ) -> Usage:
     """Runs ``command`` on the budget and reads it back."""
-    ledger = _open(config)
-    done = ""  # what was written before a failure, so that the error does not hide it
-    try:
-        async with asyncio.timeout(LEDGER_DEADLINE_S):
-            if command == "set-limit":
-                await ledger.set_limit(budget, limit)
-                done = "the limit was set, but reading the budget back failed: "
-            elif command == "reset":
-                await ledger.reset(budget)
-                done = "the spend was cleared, but reading the budget back failed: "
-            return await ledger.usage(budget, rule.limit_micros)
-    except TimeoutError:
-        raise Refused(f"ledger error: {done}no answer in {LEDGER_DEADLINE_S:g} s", EXIT_LEDGER) from None
-    except (LedgerError, OSError) as exc:
-        raise Refused(f"ledger error: {done}{exc}", EXIT_LEDGER) from None
-    except ValueError as exc:  # nothing was written: the URL is parsed before the first call
-        raise _url_error(config, exc) from None
-    finally:
-        await ledger.aclose()
+
+    async def work(ledger: Ledger, done: list[str]) -> Usage:
+        if command == "set-limit":
+            await ledger.set_limit(budget, limit)
+            done.append("the limit was set, but reading the budget back failed: ")
+        elif command == "reset":
+            await ledger.reset(budget)
+            done.append("the spend was cleared, but reading the budget back failed: ")
+        return await ledger.usage(budget, rule.limit_micros)
+
+    return await _on_ledger(config, work)
 
 
 async def _ping(config: BudgetConfig) -> None:
-    ledger = _open(config)
-    try:
-        async with asyncio.timeout(LEDGER_DEADLINE_S):
-            # A read of a budget nobody uses: a round trip that runs a script and writes nothing.
-            await ledger.usage(Budget("check", "anonymous", 0), 0)
-    except TimeoutError:
-        raise Refused(f"ledger error: no answer in {LEDGER_DEADLINE_S:g} s", EXIT_LEDGER) from None
-    except (LedgerError, OSError) as exc:
-        raise Refused(f"ledger error: {exc}", EXIT_LEDGER) from None
-    except ValueError as exc:
-        raise _url_error(config, exc) from None
-    finally:
-        await ledger.aclose()
+    async def work(ledger: Ledger, done: list[str]) -> None:
+        # A read of a budget nobody uses: a round trip that runs a script and writes nothing.
+        await ledger.usage(Budget("check", "anonymous", 0), 0)
+
+    await _on_ledger(config, work)
 
 
-# -- what is printed -------------------------------------------------------------------------------
-
-
-def _usage_facts(config: BudgetConfig, rule: Rule, u: Usage) -> dict[str, Any]:
-    """The budget as JSON: amounts as decimal strings (and ``*_micros``), times in ISO 8601 UTC
-    (and ``*_ms``). ``record`` is false for a budget nothing has touched in this window."""
-    override = u.limit != rule.limit_micros
-    lifetime = not rule.period_ms
-    facts: dict[str, Any] = {
-        "rule": rule.name,
-        "entity": u.budget.entity,
-        "unit": config.unit,
-        "record": bool(u.spent or u.held or u.holds or override),
-        "override": override,
-    }
-    for name, micros in (
-        ("limit", u.limit),
-        ("rule_limit", rule.limit_micros),
-        ("spent", u.spent),
-        ("held", u.held),
-        ("remaining", u.remaining),
-    ):
-        facts[name] = format_micros(micros)
-        facts[f"{name}_micros"] = micros
-    facts["holds"] = u.holds
-    facts["period"] = "lifetime" if lifetime else _duration(rule.period_ms)
-    facts["window_start"] = None if lifetime else _iso(u.window)
-    facts["window_start_ms"] = None if lifetime else u.window
-    facts["reset"] = None if u.reset_ms is None else _iso(u.reset_ms)
-    facts["reset_ms"] = u.reset_ms
-    facts["now"] = _iso(u.now_ms)
-    facts["now_ms"] = u.now_ms
-    return facts
-
-
-def _usage_lines(facts: dict[str, Any], given: str) -> list[str]:
-    unit = facts["unit"]
-    who = f"{facts['entity']} under rule {facts['rule']!r}"
-    lifetime = facts["window_start"] is None
-    window = "lifetime, never resets" if lifetime else f"{facts['window_start']} to {facts['reset']}"
-    if not facts["record"]:
-        return [
-            f"no record of {who}{given} in this window ({window}): nothing spent, nothing held, "
-            f"no live holds and no limit override (its limit is the rule's {facts['limit']} {unit})"
-        ]
-    limit = f"{facts['limit']} {unit}"
-    if facts["override"]:
-        limit += f" (a limit override; the rule's is {facts['rule_limit']} {unit})"
-    holds = facts["holds"]
-    period = ", a lifetime budget" if lifetime else f" per {facts['period']}"
-    return _rows(
-        [
-            ("rule", f"{facts['rule']} ({facts['rule_limit']} {unit}{period})"),
-            ("entity", f"{facts['entity']}{given}"),
-            ("limit", limit),
-            ("spent", f"{facts['spent']} {unit}"),
-            ("held", f"{facts['held']} {unit} in {holds} live hold{'' if holds == 1 else 's'}"),
-            ("remaining", f"{facts['remaining']} {unit}"),
-            ("window", window),
-        ]
-    )
+def _shown_url(url: str) -> str:
+    return _scrub(redact_url(url))
 
 
 async def _check(config: BudgetConfig, collected: _Collected, *, as_json: bool) -> int:
@@ -356,81 +300,7 @@ async def _check(config: BudgetConfig, collected: _Collected, *, as_json: bool) 
     warnings = setup_warnings(config, python_config=False, environ=os.environ)
     warnings += [_scrub(m) for m in collected.messages]
     collected.messages.clear()
-    unit = config.unit
-    facts: dict[str, Any] = {
-        "ledger": redact_url(config.redis_url) if config.redis_url else "memory",
-        "reachable": True if config.redis_url else None,
-        "rules": [
-            {
-                "name": r.name,
-                "limit": format_micros(r.limit_micros),
-                "limit_micros": r.limit_micros,
-                "period": _duration(r.period_ms) if r.period_ms else "lifetime",
-                "period_ms": r.period_ms,
-                "key": r.describe_source(),
-                "on_missing": r.on_missing,
-            }
-            for r in config.rules
-        ],
-        "unit": unit,
-        "estimate": format_micros(config.estimate),
-        "estimate_micros": config.estimate,
-        "max_hold": None if config.max_hold is None else format_micros(config.max_hold),
-        "max_hold_micros": config.max_hold,
-        "fail_mode": config.fail_mode,
-        "prefix": config.prefix,
-        "warnings": warnings,
-    }
-    if as_json:
-        print(json.dumps(facts, indent=2))
-        return 0
-    ledger = (
-        f"{facts['ledger']}: reachable"
-        if config.redis_url
-        else "memory (one per process; set BUDGET_REDIS_URL to share budgets)"
-    )
-    cap = "no cap" if config.max_hold is None else f"at most {_money(config.max_hold, unit)}"
-    lines = _rows(
-        [
-            ("ledger", ledger),
-            ("estimate", f"{_money(config.estimate, unit)} per request ({cap})"),
-            ("fail mode", config.fail_mode),
-            ("rules", str(len(config.rules)) if config.rules else "none"),
-        ]
-    )
-    if config.rules:
-        table = [("name", "limit", "per", "key", "on missing")] + [
-            (r["name"], f"{r['limit']} {unit}", r["period"], r["key"], r["on_missing"])
-            for r in facts["rules"]
-        ]
-        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-        lines += [
-            "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-            for row in table
-        ]
-    lines += [f"warning: {w}" for w in warnings]
-    print("\n".join(lines))
+    url = _shown_url(config.redis_url) if config.redis_url else None
+    facts = check_facts(config, url, warnings)
+    print(json.dumps(facts, indent=2) if as_json else "\n".join(check_lines(config, facts)))
     return 0
-
-
-def _rows(rows: list[tuple[str, str]]) -> list[str]:
-    width = max(len(label) for label, _ in rows)
-    return [f"{label.ljust(width)}  {value}" for label, value in rows]
-
-
-def _money(micros: int, unit: str) -> str:
-    return f"{format_micros(micros)} {unit}"
-
-
-def _iso(ms: int) -> str:
-    """Epoch milliseconds as ISO 8601 UTC: ``2026-12-07T00:00:00Z`` (milliseconds when there are)."""
-    when = _EPOCH + timedelta(milliseconds=ms)
-    return when.isoformat(timespec="milliseconds" if ms % 1000 else "seconds").replace("+00:00", "Z")
-
-
-def _duration(ms: int) -> str:
-    """A period as BUDGET_PERIOD writes it: ``1d``, ``12h``, ``90s``, ``250ms``."""
-    for suffix, size in _UNITS_MS:
-        if ms % size == 0:
-            return f"{ms // size}{suffix}"
-    return f"{ms}ms"
