@@ -11,8 +11,10 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,14 +23,21 @@ import pytest
 from budget_middleware import cli
 from budget_middleware.keys import Budget, EntityHasher
 from budget_middleware.ledger import HoldRequest, RedisLedger, Settlement, new_reservation_id
-from redis_server import free_port
 
 SECRET = "cli-test-secret"
 DAY_MS = 86_400_000
 BASE_ENV = {"BUDGET_KEY": "header:x-end-user-id", "BUDGET_LIMIT": "0.5", "BUDGET_SECRET": SECRET}
 # A rule keyed on a credential header: its ids are always digested.
 KEYS_RULE = json.dumps([{"name": "keys", "key": "header:x-api-key", "limit": "10", "period": "1h"}])
-UNREACHABLE = f"redis://:pw-not-shown@127.0.0.1:{free_port()}/0"
+
+
+@pytest.fixture(scope="module")
+def unreachable() -> Iterator[str]:
+    """A Redis URL whose port refuses connections: bound by this socket, which never listens, so
+    no server started meanwhile can take it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"redis://:pw-not-shown@127.0.0.1:{sock.getsockname()[1]}/0"
 
 
 def run_cli(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -93,17 +102,17 @@ def test_a_missing_or_unknown_argument_is_one_line(argv: list[str], words: str) 
 
 
 @pytest.mark.parametrize("amount", ["abc", "-1", "0.0000001", "nan", "1e30", ""])
-def test_a_bad_amount_is_one_line_and_reaches_no_ledger(amount: str) -> None:
+def test_a_bad_amount_is_one_line_and_reaches_no_ledger(amount: str, unreachable: str) -> None:
     # The ledger is unreachable: the amount is refused before any connection (not "ledger error").
-    line = refused(run_cli("set-limit", "default", "alice", amount, BUDGET_REDIS_URL=UNREACHABLE), 2)
+    line = refused(run_cli("set-limit", "default", "alice", amount, BUDGET_REDIS_URL=unreachable), 2)
     assert line.startswith("set-limit: limit"), line
     assert "give an amount in usd (such as 12.5) or none" in line
 
 
-def test_an_unknown_rule_is_one_line_naming_the_rules() -> None:
-    line = refused(run_cli("usage", "daily", "alice", BUDGET_REDIS_URL=UNREACHABLE), 2)
+def test_an_unknown_rule_is_one_line_naming_the_rules(unreachable: str) -> None:
+    line = refused(run_cli("usage", "daily", "alice", BUDGET_REDIS_URL=unreachable), 2)
     assert line == "no rule named 'daily'; the rules are: default"
-    env = {"BUDGET_KEY": "", "BUDGET_LIMIT": "", "BUDGET_REDIS_URL": UNREACHABLE}
+    env = {"BUDGET_KEY": "", "BUDGET_LIMIT": "", "BUDGET_REDIS_URL": unreachable}
     line = refused(run_cli("reset", "default", "alice", **env), 2)
     assert "no rules are configured" in line
 
@@ -142,8 +151,10 @@ def test_a_url_that_cannot_be_parsed_shows_no_piece_of_its_password() -> None:
 @pytest.mark.parametrize(
     "argv", [["usage", "default", "alice"], ["set-limit", "default", "alice", "2"], ["check"]]
 )
-def test_an_unreachable_ledger_is_one_line_without_the_password(argv: list[str]) -> None:
-    line = refused(run_cli(*argv, BUDGET_REDIS_URL=UNREACHABLE), 1)
+def test_an_unreachable_ledger_is_one_line_without_the_password(
+    argv: list[str], unreachable: str
+) -> None:
+    line = refused(run_cli(*argv, BUDGET_REDIS_URL=unreachable), 1)
     assert line.startswith("ledger error: redis unavailable"), line
     assert "pw-not-shown" not in line
 
@@ -158,8 +169,8 @@ def test_each_operator_command_says_it_cannot_reach_a_memory_ledger(argv: list[s
     assert "inside the app's own process" in line
 
 
-def test_a_raw_token_for_a_rule_of_credentials_is_refused() -> None:
-    env = {"BUDGET_RULES": KEYS_RULE, "BUDGET_REDIS_URL": UNREACHABLE}
+def test_a_raw_token_for_a_rule_of_credentials_is_refused(unreachable: str) -> None:
+    env = {"BUDGET_RULES": KEYS_RULE, "BUDGET_REDIS_URL": unreachable}
     line = refused(run_cli("usage", "keys", "r:alice", **env), 2)
     assert "always digested" in line
     assert "'r:alice' is none of its entities" in line
