@@ -1,13 +1,20 @@
 """The operator's command line: ``python -m budget_middleware <command>``.
 
 demo                      a budget reserved, settled and rejected, on the memory ledger
-usage RULE ENTITY         a budget's spent, held and remaining (config from BUDGET_*)
+usage RULE ENTITY         a budget's spent, held and remaining in its current window
 set-limit RULE ENTITY X   a per-entity limit override ("none" removes it)
-reset RULE ENTITY         clear spent in the current window
-check                     validate BUDGET_* and the ledger's connection; print the configuration
+reset RULE ENTITY         clear spent in the current window (live holds stay)
+check                     validate BUDGET_*, warn about set-ups that do nothing or always
+                          reject, and try the ledger's connection
+
+The configuration comes from the same BUDGET_* variables as the app's. ENTITY is an id as requests
+carry it (alice, 10.0.0.7, an API key) or the token these commands print for it (r:<id>, or
+h:<32 hex digits> for a digest). Amounts are in BUDGET_UNIT, times in ISO 8601 UTC; --json prints
+one JSON object for machines, with each amount also in micro-units (1e-6 of the unit).
 
 usage, set-limit and reset act on the shared Redis ledger (BUDGET_REDIS_URL): the memory ledger
-lives inside the app's own process, out of this command's reach.
+lives inside the app's own process, out of this command's reach. A mistake is one line on stderr
+and a non-zero exit: 2 for what was typed or configured, 1 for a ledger that failed.
 """
 
 from __future__ import annotations
@@ -15,252 +22,285 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
+import re
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NoReturn, TypeVar
+from urllib.parse import parse_qsl
 
-from starlette.types import Message, Receive, Scope, Send
-
-from .amounts import format_micros, to_micros
+from .amounts import to_micros
+from .cli_format import check_facts, check_lines, money, usage_facts, usage_lines
 from .config import BudgetConfig, ConfigError, Rule
 from .keys import Budget, EntityHasher
-from .ledger import Ledger, LedgerError, MemoryLedger
-from .middleware import BudgetMiddleware, get_reservation, make_ledger
+from .ledger import Ledger, LedgerError, Usage, redact_url
+from .middleware import make_ledger
+from .setup_checks import setup_warnings
 
 __all__ = ["main"]
 
+T = TypeVar("T")
 
-# -- demo ---------------------------------------------------------------------------------------
-
-
-async def _demo_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """A tiny raw-ASGI "LLM" app: /chat charges a fixed cost, /stream charges per chunk."""
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    from starlette.requests import Request
-
-    request = Request(scope, receive)
-    budget = get_reservation(request)
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    if scope["path"] == "/boom":
-        raise RuntimeError("the upstream model failed")
-    if scope["path"] == "/stream":
-        for _ in range(5):
-            budget.charge("0.05")
-            await send({"type": "http.response.body", "body": b"token ", "more_body": True})
-            await asyncio.sleep(0)
-    else:
-        budget.charge("0.30")
-    await send({"type": "http.response.body", "body": b"done", "more_body": False})
+EXIT_LEDGER = 1  # the ledger failed or could not be reached
+EXIT_USAGE = 2  # what was typed or configured is wrong (argparse's own code)
+EXIT_INTERRUPTED = 130
+# Each ledger call has its own socket timeout; this bounds a whole command (a slow Cluster discovery).
+LEDGER_DEADLINE_S = 30.0
+# The tokens these commands print: a raw id, or a digest (keys.py makes both).
+_TOKEN = re.compile(r"r:[A-Za-z0-9._@-]{1,64}|h:[0-9a-f]{32}")
 
 
-async def _call(
-    app: Any, path: str, user: str, *, disconnect_after: int | None = None
-) -> tuple[int, dict[str, str], str]:
-    """Drive one request by hand, optionally with a client that leaves after N body chunks."""
-    got: list[Message] = []
-    left = asyncio.Event()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 8000),
-        "headers": [(b"x-end-user-id", user.encode())],
-    }
-    sent_body = False
+class _Refused(Exception):
+    """A mistake the operator can fix, or a ledger that failed: one line on stderr, exit ``code``."""
 
-    async def receive() -> Message:
-        nonlocal sent_body
-        if not sent_body:
-            sent_body = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await left.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        got.append(message)
-        bodies = sum(1 for m in got if m["type"] == "http.response.body")
-        if disconnect_after is not None and bodies >= disconnect_after:
-            left.set()
-            raise OSError("client went away")
-
-    try:
-        await app(scope, receive, send)
-    except OSError:
-        pass  # the client left: the server would drop the connection
-    except RuntimeError as exc:
-        return 500, {}, f"app raised {type(exc).__name__}: {exc}"
-    start: Message = next((m for m in got if m["type"] == "http.response.start"), {"status": 0})
-    headers = {k.decode(): v.decode() for k, v in start.get("headers", [])}
-    body = b"".join(m.get("body", b"") for m in got if m["type"] == "http.response.body")
-    return start["status"], headers, body.decode()
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-async def _demo() -> None:
-    ledger = MemoryLedger()
-    rule = Rule("user-daily", "header:x-end-user-id", "1.00", "1d")
-    config = BudgetConfig(rules=(rule,), estimate=to_micros("0.40"))
-    app = BudgetMiddleware(_demo_app, config, ledger=ledger)
-    budget = Budget(rule.name, EntityHasher().token("alice"), rule.period_ms)
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (without the usage it prints first by default)."""
 
-    async def show(note: str) -> None:
-        await app.finalizer.wait_idle(5)
-        u = await ledger.usage(budget, rule.limit_micros)
-        print(
-            f"    ledger: spent {format_micros(u.spent)}, held {format_micros(u.held)}, "
-            f"remaining {format_micros(u.remaining)} of {format_micros(u.limit)} usd  ({note})"
-        )
-
-    print("budget-middleware demo: rule user-daily = 1.00 usd per day per x-end-user-id,")
-    print("each request reserves an estimate of 0.40 usd and settles what it really cost.\n")
-    lifespan_in: asyncio.Queue[Message] = asyncio.Queue()
-    lifespan_out: asyncio.Queue[Message] = asyncio.Queue()
-
-    async def lifespan_send(m: Message) -> None:
-        await lifespan_out.put(m)
-
-    life = asyncio.create_task(app({"type": "lifespan"}, lifespan_in.get, lifespan_send))
-    await lifespan_in.put({"type": "lifespan.startup"})
-    print(f"startup -> {(await lifespan_out.get())['type']} (the finalizer is running)\n")
-
-    steps = [
-        ("/chat", None, "completed: charged 0.30 as reported, the 0.40 hold released"),
-        ("/stream", 2, "client left after 2 chunks: disconnected, charged the 0.10 used"),
-        ("/boom", None, "app raised: error, charged what it reported (nothing: zero)"),
-        ("/chat", None, "completed again"),
-        ("/chat", None, "0.40 more would pass 1.00: rejected, the app is not called"),
-    ]
-    for path, leave, note in steps:
-        status, headers, body = await _call(app, path, "alice", disconnect_after=leave)
-        shown = f"{status}, client gone" if leave else str(status)
-        print(f"GET {path:<8} -> {shown}  {note}")
-        if "ratelimit" in headers:
-            print(f"    RateLimit: {headers['ratelimit']}")
-        if status == 429:
-            detail = json.loads(body)["detail"]
-            print(f"    Retry-After: {headers.get('retry-after')}  {detail}")
-        await show(path)
-    await lifespan_in.put({"type": "lifespan.shutdown"})
-    print(f"\nshutdown -> {(await lifespan_out.get())['type']} (the finalizer drained)")
-    await life
-    print(
-        f"settlements applied: {app.finalizer.applied}, outcomes {app.finalizer.outcomes}, "
-        f"lost: {app.finalizer.lost}"
-    )
+    def error(self, message: str) -> NoReturn:
+        raise _Refused(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-# -- operator commands --------------------------------------------------------------------------
+class _Collected(logging.Handler):
+    """The package's log lines (a Redis that may evict keys, say) while a command runs: printed
+    as warnings when it succeeds, dropped when it fails (its one error line says why)."""
 
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
 
-def _budget(config: BudgetConfig, rule_name: str, entity: str) -> tuple[Rule, Budget]:
-    for rule in config.rules:
-        if rule.name == rule_name:
-            secret = rule.source.secret if rule.source is not None else rule.secret
-            token = EntityHasher(config.secret).token(entity, secret=secret)
-            return rule, Budget(rule.name, token, rule.period_ms)
-    raise SystemExit(f"no rule named {rule_name!r}; configured: {[r.name for r in config.rules]}")
-
-
-async def _operate(args: argparse.Namespace, config: BudgetConfig) -> int:
-    ledger: Ledger = make_ledger(config)
-    try:
-        rule, budget = _budget(config, args.rule, args.entity)
-        if args.command == "set-limit":
-            value = None if args.limit.lower() == "none" else to_micros(args.limit, what="limit")
-            await ledger.set_limit(budget, value)
-        elif args.command == "reset":
-            await ledger.reset(budget)
-        u = await ledger.usage(budget, rule.limit_micros)
-        print(
-            json.dumps(
-                {
-                    "rule": rule.name,
-                    "entity": budget.entity,
-                    "unit": config.unit,
-                    "limit": format_micros(u.limit),
-                    "spent": format_micros(u.spent),
-                    "held": format_micros(u.held),
-                    "remaining": format_micros(u.remaining),
-                    "live_holds": u.holds,
-                    "window_start_ms": u.window,
-                    "reset_ms": u.reset_ms,
-                },
-                indent=2,
-            )
-        )
-        return 0
-    finally:
-        await ledger.aclose()
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().removeprefix("budget: "))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    logger = logging.getLogger("budget_middleware")
+    collected, propagate = _Collected(), logger.propagate
+    logger.addHandler(collected)
+    logger.propagate = False
+    try:
+        code = _run(argv, collected)
+        for message in collected.messages:
+            print(f"warning: {_scrub(message)}", file=sys.stderr)
+        return code
+    except _Refused as exc:
+        return _fail(str(exc), exc.code)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # The reader of stdout left (`| head`): stop writing, and keep the exit's flush quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        return _fail(f"unexpected error ({type(exc).__name__}: {exc}); please report it", EXIT_LEDGER)
+    finally:
+        logger.removeHandler(collected)
+        logger.propagate = propagate
+
+
+def _run(argv: Sequence[str] | None, collected: _Collected) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import run
+
+        asyncio.run(run())
+        return 0
+    try:
+        config = BudgetConfig.from_env()
+    except ConfigError as exc:
+        raise _Refused(f"configuration error: {exc}") from None
+    if args.command == "check":
+        return asyncio.run(_check(config, collected, as_json=args.json))
+    if not config.redis_url:
+        raise _Refused(
+            f"{args.command} needs BUDGET_REDIS_URL: without it the app uses a memory ledger, which "
+            "lives inside the app's own process where this command cannot reach it"
+        )
+    rule, budget = _budget(config, args.rule, args.entity)
+    limit = _limit(args.limit, config.unit) if args.command == "set-limit" else None
+    usage = asyncio.run(_operate(config, args.command, rule, budget, limit))
+    facts = usage_facts(config, rule, usage)
+    if args.json:
+        print(json.dumps({"command": args.command, **facts}, indent=2))
+        return 0
+    if args.command == "set-limit":
+        print(
+            f"limit of {budget.entity} under rule {rule.name!r} set to {money(limit, config.unit)}"
+            if limit is not None
+            else f"limit override of {budget.entity} under rule {rule.name!r} removed"
+        )
+    elif args.command == "reset":
+        print(f"spend of {budget.entity} under rule {rule.name!r} cleared in the current window")
+    digested = budget.entity.startswith("h:") and args.entity != budget.entity
+    given = " (the digest of the id given)" if digested else ""
+    print("\n".join(usage_lines(facts, given)))
+    return 0
+
+
+def _parser() -> _Parser:
+    parser = _Parser(
         prog="python -m budget_middleware",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("demo", help="run the demo on the memory ledger")
-    sub.add_parser("check", help="validate BUDGET_* and the ledger's connection")
+    check = sub.add_parser("check", help="validate BUDGET_*, print warnings, try the ledger")
+    check.add_argument("--json", action="store_true", help="one JSON object, for machines")
     commands = {
         "usage": "a budget's spent, held and remaining",
         "set-limit": 'a per-entity limit override ("none" removes it)',
         "reset": "clear spent in the current window",
     }
     for name, text in commands.items():
-        p = sub.add_parser(name, help=text)
-        p.add_argument("rule", help="the rule's name (the shorthand rule is called default)")
-        p.add_argument("entity", help="the entity id, as the request carries it")
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("rule", help="the rule's name (the BUDGET_KEY/BUDGET_LIMIT rule is default)")
+        p.add_argument("entity", help="the entity's id, or the r:/h: token printed for it")
         if name == "set-limit":
-            p.add_argument("limit", help='an amount in the unit, or "none"')
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        asyncio.run(_demo())
-        return 0
-    try:
-        config = BudgetConfig.from_env()
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    if args.command != "check" and not config.redis_url:
-        print(
-            f"{args.command} needs BUDGET_REDIS_URL: without it the app uses a memory ledger that "
-            "lives inside its own process, which this command cannot reach",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        if args.command == "check":
-            return asyncio.run(_check(config))
-        return asyncio.run(_operate(args, config))
-    except LedgerError as exc:
-        print(f"ledger error: {exc}", file=sys.stderr)
-        return 1
+            p.add_argument("limit", help='an amount in the unit (such as 12.5), or "none"')
+        p.add_argument("--json", action="store_true", help="one JSON object, for machines")
+    return parser
 
 
-async def _check(config: BudgetConfig) -> int:
-    print(config.describe())
-    if not config.redis_url:
-        print("ledger: memory (per process; set BUDGET_REDIS_URL to share budgets)")
-        return 0
-    ledger = make_ledger(config)
+def _fail(message: str, code: int) -> int:
+    """Print ``message`` as one line on stderr, without any password of the Redis URL."""
+    print(_scrub(" ".join(message.split())), file=sys.stderr)
+    return code
+
+
+def _scrub(text: str) -> str:
+    url = os.environ.get("BUDGET_REDIS_URL", "").strip()
+    if not url:
+        return text
+    text = text.replace(url, redact_url(url))
+    rest = url.partition("://")[2]
+    userinfo = rest.rpartition("@")[0] if "@" in rest else ""
+    secrets = [userinfo, userinfo.partition(":")[2]]
+    secrets += [v for k, v in parse_qsl(rest.partition("?")[2]) if "pass" in k.lower()]
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 3:  # shorter would mangle the message, and guards nothing
+            text = text.replace(secret, "***")
+    return text
+
+
+# -- what the operator names ----------------------------------------------------------------------
+
+
+def _budget(config: BudgetConfig, rule_name: str, entity: str) -> tuple[Rule, Budget]:
+    """The budget of ``entity`` (an id, or the token printed for one) under rule ``rule_name``."""
+    rule = next((r for r in config.rules if r.name == rule_name), None)
+    if rule is None:
+        if not config.rules:
+            raise _Refused(
+                f"no rule named {rule_name!r}: no rules are configured "
+                "(set BUDGET_KEY and BUDGET_LIMIT, or BUDGET_RULES)"
+            )
+        names = ", ".join(r.name for r in config.rules)
+        raise _Refused(f"no rule named {rule_name!r}; the rules are: {names}")
+    if entity == "":
+        raise _Refused("the entity is empty: give the id requests carry, or its r:/h: token")
+    # As the middleware decides: an id from a credential source is always digested.
+    secret = rule.secret or (rule.source is not None and rule.source.secret)
+    if _TOKEN.fullmatch(entity):  # no raw id has a colon, so this is a token, not an id
+        if secret and entity.startswith("r:"):
+            raise _Refused(
+                f"rule {rule.name!r} takes its ids from a credential ({rule.describe_source()}), "
+                f"which is always digested: {entity!r} is none of its entities; give the id itself "
+                "or its h: digest"
+            )
+        token = entity
+    else:
+        token = EntityHasher(config.secret).token(entity, secret=secret)
+    return rule, Budget(rule.name, token, rule.period_ms)
+
+
+def _limit(text: str, unit: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
     try:
-        # A read of a budget nobody uses: a round trip that runs a script and writes nothing.
-        await ledger.usage(Budget("check", "anonymous", 0), 0)
+        return to_micros(text, what="limit")
+    except ValueError as exc:
+        raise _Refused(f"set-limit: {exc}; give an amount in {unit} (such as 12.5) or none") from None
+
+
+# -- the ledger ------------------------------------------------------------------------------------
+
+
+def _open(config: BudgetConfig) -> Ledger:
+    try:
+        return make_ledger(config)
+    except ValueError as exc:
+        raise _url_error(config, exc) from None
+
+
+def _url_error(config: BudgetConfig, exc: ValueError) -> _Refused:
+    """A URL that the ledger (or redis-py, at the first call) cannot parse."""
+    url = config.redis_url or ""
+    # With credentials in it, the parser's words may quote a piece of the password.
+    why = "it cannot be parsed (percent-encode a password's /, #, ? and @)" if "@" in url else exc
+    return _Refused(f"configuration error: BUDGET_REDIS_URL={_shown_url(url)!r}: {why}")
+
+
+async def _on_ledger(config: BudgetConfig, work: Callable[[Ledger, list[str]], Awaitable[T]]) -> T:
+    """``await work(ledger, done)`` on a ledger made for the command, its failures turned into
+    one line. ``work`` appends to ``done`` what it wrote, which an error must not hide."""
+    ledger = _open(config)
+    done: list[str] = []
+    try:
+        async with asyncio.timeout(LEDGER_DEADLINE_S):
+            return await work(ledger, done)
+    except TimeoutError:
+        why = f"no answer in {LEDGER_DEADLINE_S:g} s"
+        raise _Refused(f"ledger error: {''.join(done)}{why}", EXIT_LEDGER) from None
+    except (LedgerError, OSError) as exc:
+        raise _Refused(f"ledger error: {''.join(done)}{exc}", EXIT_LEDGER) from None
+    except ValueError as exc:  # redis-py parses the URL at the first call, before any write
+        raise _url_error(config, exc) from None
     finally:
         await ledger.aclose()
-    print("ledger: reachable")
+
+
+async def _operate(
+    config: BudgetConfig, command: str, rule: Rule, budget: Budget, limit: int | None
+) -> Usage:
+    """Runs ``command`` on the budget and reads it back."""
+
+    async def work(ledger: Ledger, done: list[str]) -> Usage:
+        if command == "set-limit":
+            await ledger.set_limit(budget, limit)
+            done.append("the limit was set, but reading the budget back failed: ")
+        elif command == "reset":
+            await ledger.reset(budget)
+            done.append("the spend was cleared, but reading the budget back failed: ")
+        return await ledger.usage(budget, rule.limit_micros)
+
+    return await _on_ledger(config, work)
+
+
+async def _ping(config: BudgetConfig) -> None:
+    async def work(ledger: Ledger, done: list[str]) -> None:
+        # A read of a budget nobody uses: a round trip that runs a script and writes nothing.
+        await ledger.usage(Budget("check", "anonymous", 0), 0)
+
+    await _on_ledger(config, work)
+
+
+def _shown_url(url: str) -> str:
+    return _scrub(redact_url(url))
+
+
+async def _check(config: BudgetConfig, collected: _Collected, *, as_json: bool) -> int:
+    if config.redis_url:
+        await _ping(config)
+    warnings = setup_warnings(config, python_config=False, environ=os.environ)
+    warnings += [_scrub(m) for m in collected.messages]
+    collected.messages.clear()
+    url = _shown_url(config.redis_url) if config.redis_url else None
+    facts = check_facts(config, url, warnings)
+    print(json.dumps(facts, indent=2) if as_json else "\n".join(check_lines(config, facts)))
     return 0
