@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,3 +148,41 @@ def test_the_list_of_variables_is_the_one_from_env_reads_and_the_readme_document
 ) -> None:
     names = set(re.findall(pattern, source.read_text("utf-8"), re.MULTILINE))
     assert names == ENV_VARIABLES
+
+
+async def test_the_middleware_logs_its_warnings_once_at_start_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same warnings as ``check``, in the server's log when the lifespan starts."""
+    import logging
+
+    import anyio
+
+    from budget_middleware import BudgetMiddleware, MemoryLedger
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    mw = BudgetMiddleware(app, BudgetConfig(), ledger=MemoryLedger())
+    to_app, from_server = anyio.create_memory_object_stream[dict[str, Any]](4)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"), to_app, from_server:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                mw, {"type": "lifespan", "asgi": {"version": "3.0"}}, from_server.receive, send
+            )
+            await to_app.send({"type": "lifespan.startup"})
+            await to_app.send({"type": "lifespan.shutdown"})
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    no_rules = [r for r in caplog.records if "every request passes unmetered" in r.getMessage()]
+    assert len(no_rules) == 1

@@ -44,6 +44,7 @@ from .responses import (
     send_rejection,
     send_unavailable,
 )
+from .setup_checks import setup_warnings
 from .telemetry import (
     ATTR,
     SPAN_RESERVE,
@@ -99,6 +100,7 @@ class BudgetMiddleware:
         finalizer: Finalizer | None = None,
     ) -> None:
         self.app = app
+        self._python_config = config is not None
         self.config = config if config is not None else BudgetConfig.from_env()
         config = self.config
         if ledger is None:
@@ -200,6 +202,13 @@ class BudgetMiddleware:
 
     def _log_startup(self) -> None:
         logger.info("budget: %s", self.config.describe())
+        for warning in setup_warnings(
+            self.config,
+            python_config=self._python_config,
+            environ=os.environ,
+            estimator=self._estimator is not None,
+        ):
+            logger.warning("budget: %s", warning)
         if isinstance(self.ledger, MemoryLedger) and _several_workers():
             logger.warning(
                 "budget: the memory ledger is per process and several workers seem to run here; "
