@@ -164,3 +164,25 @@ async def test_a_readable_body_is_estimated_and_replayed_to_the_app() -> None:
     assert send.status == 200
     assert seen == [body]
     assert await spent_and_held(ledger) == (250_000, 0, 0)
+
+
+async def test_failing_open_after_the_estimator_read_the_body_replays_it_to_the_app() -> None:
+    """Before, the request ran unmetered without the body the estimator had already read."""
+
+    async def broken(request: Request) -> Any:
+        await request.body()
+        raise RuntimeError("the price table is gone")
+
+    seen: list[bytes] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(await Request(scope, receive).body())
+        await ok(scope, receive, send)
+
+    ledger = MemoryLedger()
+    mw = BudgetMiddleware(app, config(fail_mode="open"), ledger=ledger, estimate=broken)
+    send = RecordingSend()
+    await mw(http_scope(method="POST", headers=HEADERS), ScriptedReceive(b"payload"), send)
+    assert send.status == 200
+    assert seen == [b"payload"]
+    assert await spent_and_held(ledger) == (0, 0, 0)

@@ -228,7 +228,10 @@ class BudgetMiddleware:
         state: dict[str, Any] | None = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        if not self._rules or (self._exclude and self._excluded(scope)):
+        if not self._rules:
+            await self._unmetered(scope, receive, send, "no rules configured")
+            return
+        if self._exclude and self._excluded(scope):
             await self._unmetered(scope, receive, send, "excluded")
             return
         if not self.finalizer.running:
@@ -254,15 +257,13 @@ class BudgetMiddleware:
         # 2. How much to hold.
         estimate = self._fixed_estimate
         if self._estimator is not None and request is not None:
-            got = await self._estimate(request, send)
-            if got is None:  # answered: the estimate failed
-                return
-            if got < 0:  # failing open
-                await self._unmetered(scope, receive, send, "estimate failed")
-                return
-            estimate = got
-        if body_read:
+            estimate = await self._estimate(request, send)
+        if body_read:  # what a hook read goes to the app as it came
             receive = replaying(body_read, receive)
+        if estimate < 0:
+            if estimate == _RUN_UNMETERED:
+                await self._unmetered(scope, receive, send, "estimate failed")
+            return  # else answered: the estimate failed
 
         # 3. Reserve every rule at once.
         rid = new_reservation_id()
@@ -398,8 +399,9 @@ class BudgetMiddleware:
             )
         return None
 
-    async def _estimate(self, request: Request, send: Send) -> int | None:
-        """The estimate in micro-units; -1 to run unmetered (failing open); None once answered."""
+    async def _estimate(self, request: Request, send: Send) -> int:
+        """The estimate in micro-units; ``_RUN_UNMETERED`` when it failed and the fail mode is open;
+        ``_ANSWERED`` once a 400 or 500 has been sent."""
         config = self.config
         try:
             return await estimate_micros(self._estimator, request, config.estimate, config.max_hold)
@@ -418,10 +420,10 @@ class BudgetMiddleware:
                     code="budget_invalid_request",
                     headers=[(b"x-should-retry", b"false")],
                 )
-                return None
+                return _ANSWERED
             logger.error("budget: %s", exc)
             if config.fail_mode == "open":
-                return -1
+                return _RUN_UNMETERED
             await send_problem(
                 send,
                 500,
@@ -430,7 +432,12 @@ class BudgetMiddleware:
                 error_format=config.error_format,
                 code="budget_estimate_failed",
             )
-            return None
+            return _ANSWERED
+
+
+# What ``_estimate`` returns instead of an estimate when it failed.
+_RUN_UNMETERED = -1
+_ANSWERED = -2
 
 
 def _names(wanted: Wanted) -> tuple[str, ...]:
