@@ -242,7 +242,15 @@ class BudgetMiddleware:
             request = recording_request(scope, receive, body_read)
 
         # 1. Who is charged, under which rule.
-        wanted = await self._resolve(scope, request, send)
+        wanted: Wanted | str | None
+        if request is None:  # every id comes from the scope: no coroutine to make
+            try:
+                wanted = self._resolver.from_scope(scope)
+            except (AmbiguousEntity, MissingEntity) as exc:
+                await self._refuse_identity(send, exc)
+                return
+        else:
+            wanted = await self._resolve(scope, request, send)
         if wanted is None:  # answered: a bad or missing identity
             return
         if isinstance(wanted, str) or not wanted:  # failing open, or no rule applies
@@ -267,7 +275,11 @@ class BudgetMiddleware:
 
         # 3. Reserve every rule at once.
         rid = new_reservation_id()
-        requests = [HoldRequest(budget, rule.limit_micros, estimate) for rule, budget in wanted]
+        if len(wanted) == 1:  # most requests have one rule
+            rule, budget = wanted[0]
+            requests = [HoldRequest(budget, rule.limit_micros, estimate)]
+        else:
+            requests = [HoldRequest(budget, rule.limit_micros, estimate) for rule, budget in wanted]
         result = await self._reserver.reserve(rid, requests, estimate)
         if result is None:  # the ledger did not answer
             if self.config.fail_mode == "open":
@@ -365,26 +377,13 @@ class BudgetMiddleware:
         scope["state"]["budget"] = RequestBudget(metered=False, reason=reason)
         await self.app(scope, receive, send)
 
-    async def _resolve(self, scope: Scope, request: Request | None, send: Send) -> Wanted | str | None:
-        """The budgets of the request; None once a 400, 401 or 500 has been answered; or, when
-        identify failed and the fail mode is open, why the request runs unmetered."""
-        error_format = self.config.error_format
+    async def _resolve(self, scope: Scope, request: Request, send: Send) -> Wanted | str | None:
+        """The budgets of a request that hooks look at; None once a 400, 401 or 500 has been
+        answered; or, when identify failed and the fail mode is open, why it runs unmetered."""
         try:
-            if request is None:
-                return self._resolver.from_scope(scope)
             return await self._resolver.resolve(scope, request)
-        except AmbiguousEntity as exc:
-            await send_problem(
-                send,
-                400,
-                "Ambiguous budget identity",
-                str(exc),
-                error_format=error_format,
-                code="budget_identity_ambiguous",
-            )
-        except MissingEntity as missing:
-            rule = missing.rule
-            await send_missing_entity(send, rule.name, rule.describe_source(), error_format=error_format)
+        except (AmbiguousEntity, MissingEntity) as exc:
+            await self._refuse_identity(send, exc)
         except Exception as exc:
             logger.exception("budget: identify failed")
             if self.config.fail_mode == "open":
@@ -394,10 +393,25 @@ class BudgetMiddleware:
                 500,
                 "Budget identity lookup failed",
                 "the request's budget identity could not be resolved",
-                error_format=error_format,
+                error_format=self.config.error_format,
                 code="budget_identify_failed",
             )
         return None
+
+    async def _refuse_identity(self, send: Send, exc: AmbiguousEntity | MissingEntity) -> None:
+        error_format = self.config.error_format
+        if isinstance(exc, MissingEntity):
+            rule = exc.rule
+            await send_missing_entity(send, rule.name, rule.describe_source(), error_format=error_format)
+            return
+        await send_problem(
+            send,
+            400,
+            "Ambiguous budget identity",
+            str(exc),
+            error_format=error_format,
+            code="budget_identity_ambiguous",
+        )
 
     async def _estimate(self, request: Request, send: Send) -> int:
         """The estimate in micro-units; ``_RUN_UNMETERED`` when it failed and the fail mode is open;

@@ -80,7 +80,8 @@ def admitted_headers(holds: Sequence[HeldBudget], now_ms: int) -> Headers:
         )
     (h,) = holds
     budget = h.budget
-    return hold_headers(budget.rule, h.limit, budget.period_ms, h.remaining, h.reset_ms, now_ms)
+    policy, start = hold_head(budget.rule, h.limit, budget.period_ms)
+    return headers_from_head(policy, start, h.remaining, h.reset_ms, now_ms)
 
 
 def hold_headers(
