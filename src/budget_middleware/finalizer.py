@@ -107,9 +107,9 @@ class Finalizer:
         self._task: asyncio.Task[None] | None = None
         self._task_loop: asyncio.AbstractEventLoop | None = None
         self._scope: anyio.CancelScope | None = None
-        # Journal state. The last ``_unjournaled`` pending settlements are not in the journal yet
-        # (new ones are appended on the right; journaled ones, requeued or replayed, go left).
-        self._unjournaled = 0
+        # Journal state. Each settlement knows whether it is journaled (``Settlement.journaled``);
+        # ``_unwritten`` lists the ones handed over since the last journal write, in order.
+        self._unwritten: list[Settlement] = []
         self._marks: list[str] = []  # ids applied, to mark in the journal with the next write
         self._spill: list[Settlement] = []  # over the bound: for the spill task to journal
         self._spilling = 0
@@ -117,7 +117,7 @@ class Finalizer:
         self._spill_logged = -1e9
         self._backlog = False  # the own journal file may hold settlements not in memory
         self._journal_failed = False
-        self._journal_gap = False  # a write failed: some pending ones may be missing from it
+        self._journal_retry_at = 0.0
         # Counters for operators and tests.
         self.applied = 0
         self.retries = 0
@@ -157,7 +157,8 @@ class Finalizer:
             self._overflow(settlement)
             return
         self._pending.append(settlement)
-        self._unjournaled += 1
+        if self.journal is not None:
+            self._unwritten.append(settlement)
         instruments().queue.add(1)
         if self._stopped:
             self._drop_pending("a settlement arrived after shutdown")
@@ -371,7 +372,7 @@ class Finalizer:
         return self._count_lost(why)
 
     def _count_lost(self, why: str) -> int:
-        self._unjournaled = 0
+        self._unwritten = []
         spill, self._spill = self._spill, []
         left = len(self._pending) + len(spill)
         if spill:
@@ -396,7 +397,7 @@ class Finalizer:
         journal = self.journal
         assert journal is not None
         pending = list(self._pending)
-        fresh = pending if self._journal_gap else self._fresh()  # a duplicate is harmless
+        fresh = [s for s in pending if not s.journaled]
         spill, marks = self._spill, self._marks
         left = len(pending) + len(spill)
         try:
@@ -405,7 +406,7 @@ class Finalizer:
             logger.error("budget: the journal cannot be written (%s)", exc)
             journal.close()
             return False
-        self._spill, self._marks, self._unjournaled, self._journal_gap = [], [], 0, False
+        self._spill, self._marks, self._unwritten = [], [], []
         self._pending.clear()
         instruments().queue.add(-len(pending))
         journal.close()
@@ -439,47 +440,48 @@ class Finalizer:
             )
             self._backlog = True
 
-    def _fresh(self) -> list[Settlement]:
-        """The pending settlements not journaled yet: the last ``_unjournaled`` (read from the right
-        end of the deque, which is quick there)."""
-        q = self._pending
-        return [q[-i] for i in range(min(self._unjournaled, len(q)), 0, -1)]
-
     async def _journal_step(self) -> None:
         """Before a batch is sent: load spilled or replayed settlements when no journaled one is in
         memory (so none is loaded twice) and the queue has room; then journal the new settlements
         and the applied marks, in one write and one fsync, shielded so bookkeeping stays exact."""
         journal = self.journal
         assert journal is not None
+        if self._journal_failed and time.monotonic() < self._journal_retry_at:
+            return  # a failing disk is tried again once a second, not on every pass
         marks, self._marks = self._marks, []
+        fresh, self._unwritten = self._unwritten, []
         loadable = (
             self._backlog
             and not self._stopping
             and not self._busy
-            and len(self._pending) == self._unjournaled
             and len(self._pending) < self.max_pending
         )
-        fresh = self._fresh()
         if not (loadable or fresh or marks):
             return
         with anyio.CancelScope(shield=True):
             try:
                 if fresh or marks:
                     await anyio.to_thread.run_sync(journal.write, fresh, marks)
-                    self._unjournaled = max(0, self._unjournaled - len(fresh))
+                    for s in fresh:
+                        s.journaled = True
+                    fresh, marks = [], []  # written: nothing to put back if the load fails
                 if loadable:
                     self._backlog = False
                     room = self.max_pending - len(self._pending)
-                    loaded, more = await anyio.to_thread.run_sync(journal.unapplied, room + len(fresh))
-                    queued = {s.reservation_id for s in fresh}  # just written, and in memory
+                    # What is in memory is in the file too (unapplied): load only the others.
+                    queued = {s.reservation_id for s in self._pending}
+                    loaded, more = await anyio.to_thread.run_sync(journal.unapplied, room + len(queued))
                     self._load([s for s in loaded if s.reservation_id not in queued], more)
             except OSError as exc:
                 self._backlog = False  # what is in the file is replayed at the next start
                 self._marks[:0] = marks
-                self._journal_gap = True
+                # Meanwhile batches go out unjournaled (see _take_batch); the next write tries
+                # again with those still pending, wherever they are in the queue.
+                self._unwritten = [s for s in self._pending if not s.journaled]
                 if not self._journal_failed:
                     logger.error("budget: the journal cannot be written or read (%s)", exc)
                 self._journal_failed = True
+                self._journal_retry_at = time.monotonic() + 1.0
                 return
         if self._journal_failed:
             logger.warning("budget: the journal works again")
@@ -491,6 +493,8 @@ class Finalizer:
             loaded, more = loaded[:room], True
         self._backlog = self._backlog or more
         if loaded:
+            for s in loaded:
+                s.journaled = True  # read back from the journal
             self._pending.extendleft(reversed(loaded))
             self.replayed += len(loaded)
             instruments().queue.add(len(loaded))
@@ -552,8 +556,9 @@ class Finalizer:
     async def _flush(self) -> bool:
         if not self._pending:
             return True
-        batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
-        self._unjournaled = min(self._unjournaled, len(self._pending))
+        batch = self._take_batch()
+        if not batch:
+            return True  # nothing journaled yet: the next pass journals, then sends
         self._busy = True
         self._batch = len(batch)
         started = time.time_ns()
@@ -578,6 +583,19 @@ class Finalizer:
         for s, r in zip(batch, results, strict=True):
             self._record(s, r, started)
         return True
+
+    def _take_batch(self) -> list[Settlement]:
+        """Up to ``max_batch`` settlements from the left. With a journal that works, only the
+        journaled ones: a settlement is in the journal before it is sent, so a batch that fails
+        leaves nothing that a crash or a shutdown would lose."""
+        pending = self._pending
+        n = min(self.max_batch, len(pending))
+        if self.journal is None or self._journal_failed:
+            return [pending.popleft() for _ in range(n)]
+        batch: list[Settlement] = []
+        while pending and len(batch) < n and pending[0].journaled:
+            batch.append(pending.popleft())
+        return batch
 
     async def _settle_each(self, batch: list[Settlement], first: Exception) -> bool:
         ok = True

@@ -169,6 +169,9 @@ class Settlement:
 
     ``holds`` with an empty ``epoch`` and ``window`` -1 come from a reserve whose reply never
     arrived: such a settlement must carry ``actual == 0`` and only releases what it finds.
+
+    ``journaled`` is the finalizer's own bookkeeping: set once this settlement is in its journal
+    (written and fsync'd), so it knows for each one whether a crash now would lose it.
     """
 
     reservation_id: str
@@ -179,6 +182,7 @@ class Settlement:
     attempts: int = 0
     context: object = None  # telemetry: the reserve span's context, for the settle span's link
     trace_id: str = ""
+    journaled: bool = False
 
 
 @dataclass(slots=True)
