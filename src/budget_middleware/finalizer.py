@@ -90,11 +90,19 @@ class Finalizer:
         self.journal = journal if self._settle_now is None else None
         self.max_pending = max_pending
         self._pending: deque[Settlement] = deque()
+        # Releases (zero settlements of reserves whose reply never came) wait apart: under the same
+        # bound, but one is dropped before any real settlement is (its hold expires by lease).
+        self._releases: deque[Settlement] = deque()
+        self._release_drop_logged = -1e9
         self._inflight: dict[str, tuple[Reservation, float]] = {}
         self._wakeup: anyio.Event | None = None
         self._changed: anyio.Event | None = None
         self._busy = False
         self._batch = 0  # the size of the batch in flight, counted in the bound
+        # Releases in that batch, and how many of them give way to real settlements handed over
+        # while the queue was full: dropped if the batch comes back, applied anyway if it succeeds.
+        self._batch_releases = 0
+        self._release_debt = 0
         # When the idle worker wakes by itself (monotonic), -1 if busy. It sleeps at most a third
         # of a lease, so a request tracked meanwhile (due a third of its lease after it started)
         # need not wake it, unless its lease is shorter than the finalizer's.
@@ -124,6 +132,7 @@ class Finalizer:
         self.lost = 0
         self.journaled = 0  # deferred to the journal: over the bound, or unapplied at shutdown
         self.replayed = 0  # loaded back from the journal (processes that ended, or spilled)
+        self.releases_dropped = 0  # releases given up (queue full, shutdown): no spend in them
         self.outcomes: dict[str, int] = {}
 
     # -- the request path's side: synchronous, never awaits ------------------------------------
@@ -138,6 +147,8 @@ class Finalizer:
     def submit(self, settlement: Settlement) -> None:
         """Hand a settlement over. Synchronous: nothing here can be cancelled."""
         self._inflight.pop(settlement.reservation_id, None)
+        if settlement.never_sent:
+            return  # a release of a reserve that never reached the store: nothing to undo
         if self._changed is not None:  # someone waits, maybe for the running requests to end
             self._notify()
         if self._settle_now is not None:
@@ -153,8 +164,28 @@ class Finalizer:
 
     def _queue(self, settlement: Settlement) -> None:
         """Queue a settlement for the worker (or the journal, over the bound)."""
-        if len(self._pending) + self._batch >= self.max_pending:
-            self._overflow(settlement)
+        release = _is_release(settlement)
+        if len(self._pending) + len(self._releases) + self._batch >= self.max_pending:
+            if release:
+                self._drop_releases(1, "the settlement queue is full")
+                return
+            if self._releases:
+                self._releases.popleft()  # the oldest release makes room for spend
+                instruments().queue.add(-1)
+                self._drop_releases(1, "the settlement queue is full")
+            elif self._batch_releases > self._release_debt:
+                self._release_debt += 1  # a release of the batch in flight makes room
+            else:
+                self._overflow(settlement)
+                return
+        if release:
+            self._releases.append(settlement)
+            instruments().queue.add(1)
+            if self._stopped:
+                self._drop_pending("a release arrived after shutdown")
+            elif self._wakeup is not None:
+                self._wakeup.set()
+            self._notify()
             return
         self._pending.append(settlement)
         if self.journal is not None:
@@ -165,6 +196,20 @@ class Finalizer:
         elif self._wakeup is not None:
             self._wakeup.set()
         self._notify()
+
+    def _drop_releases(self, n: int, why: str) -> None:
+        """Count releases given up, and say so at most every ten seconds (never once per release):
+        their holds expire by lease, no spend is lost."""
+        self.releases_dropped += n
+        now = time.monotonic()
+        if now - self._release_drop_logged > 10:
+            self._release_drop_logged = now
+            logger.warning(
+                "budget: releases dropped (%s): %d so far; their holds expire by lease (%d ms)",
+                why,
+                self.releases_dropped,
+                self.lease_ms,
+            )
 
     def _overflow(self, settlement: Settlement) -> None:
         """The queue is full: hand the settlement to the spill task, which journals it (memory stays
@@ -189,7 +234,7 @@ class Finalizer:
 
     @property
     def pending(self) -> int:
-        return len(self._pending) + (1 if self._busy else 0)
+        return len(self._pending) + len(self._releases) + (1 if self._busy else 0)
 
     @property
     def in_flight(self) -> int:
@@ -268,7 +313,7 @@ class Finalizer:
                     await self._wakeup.wait()
                 self._wait_until = -1.0
                 self._wakeup = anyio.Event()
-            if self._stopping and not self._pending:
+            if self._stopping and not self._pending and not self._releases:
                 return
             if self.journal is not None:
                 await self._journal_step()
@@ -300,7 +345,7 @@ class Finalizer:
                 await self._journal_step()
 
     def _idle(self) -> bool:
-        return not self._pending and not self._stopping and not self._backlog
+        return not self._pending and not self._releases and not self._stopping and not self._backlog
 
     def _notify(self) -> None:
         """Wake everyone waiting in ``wait_idle`` to look at the state again."""
@@ -328,7 +373,9 @@ class Finalizer:
 
     def _unsettled(self) -> bool:
         backlog = self._backlog and not self._stopping  # a stopping worker loads no more of it
-        return bool(self._pending or self._busy or self._spill or self._spilling or backlog)
+        return bool(
+            self._pending or self._releases or self._busy or self._spill or self._spilling or backlog
+        )
 
     async def drain(self, timeout_s: float) -> int:
         """Shut down: wait, within ``timeout_s``, for running requests to hand over their
@@ -366,7 +413,12 @@ class Finalizer:
 
     def _drop_pending(self, why: str) -> int:
         """After shutdown: journal what is unapplied (synchronously: the worker is gone), or count
-        it as lost. Closing the journal unlocks its file for the next start to replay."""
+        it as lost. Closing the journal unlocks its file for the next start to replay. Releases
+        are dropped: no spend is in them, and their holds expire by lease."""
+        if self._releases:
+            instruments().queue.add(-len(self._releases))
+            self._drop_releases(len(self._releases), why)
+            self._releases.clear()
         if self.journal is not None and self._shelve(why):
             return 0
         return self._count_lost(why)
@@ -498,6 +550,12 @@ class Finalizer:
             self._pending.extendleft(reversed(loaded))
             self.replayed += len(loaded)
             instruments().queue.add(len(loaded))
+            over = min(len(self._releases), len(self._pending) + len(self._releases) - self.max_pending)
+            if over > 0:  # spend first: releases make room
+                for _ in range(over):
+                    self._releases.popleft()
+                instruments().queue.add(-over)
+                self._drop_releases(over, "the settlement queue is full")
 
     async def _spill_task(self) -> None:
         """Journals what ``submit`` could not queue, as soon as it comes; the worker loads it back
@@ -554,7 +612,7 @@ class Finalizer:
         return min(cap, max(0.0, soonest - time.monotonic()))
 
     async def _flush(self) -> bool:
-        if not self._pending:
+        if not self._pending and not self._releases:
             return True
         batch = self._take_batch()
         if not batch:
@@ -578,6 +636,8 @@ class Finalizer:
         finally:
             self._busy = False
             self._batch = 0
+            self._batch_releases = 0
+            self._release_debt = 0
         instruments().ledger_duration.record(time.perf_counter() - t0, {ATTR.OPERATION: "settle"})
         instruments().queue.add(-len(batch))
         for s, r in zip(batch, results, strict=True):
@@ -590,11 +650,18 @@ class Finalizer:
         leaves nothing that a crash or a shutdown would lose."""
         pending = self._pending
         n = min(self.max_batch, len(pending))
+        batch: list[Settlement]
         if self.journal is None or self._journal_failed:
-            return [pending.popleft() for _ in range(n)]
-        batch: list[Settlement] = []
-        while pending and len(batch) < n and pending[0].journaled:
-            batch.append(pending.popleft())
+            batch = [pending.popleft() for _ in range(n)]
+        else:
+            batch = []
+            while pending and len(batch) < n and pending[0].journaled:
+                batch.append(pending.popleft())
+        real = len(batch)
+        releases = self._releases
+        while releases and len(batch) < self.max_batch:
+            batch.append(releases.popleft())
+        self._batch_releases = len(batch) - real
         return batch
 
     async def _settle_each(self, batch: list[Settlement], first: Exception) -> bool:
@@ -644,13 +711,22 @@ class Finalizer:
         return ok
 
     def _requeue(self, batch: list[Settlement], exc: BaseException | None) -> None:
-        if exc is None:
-            self._pending.extendleft(reversed(batch))
-            return
-        self.retries += 1
+        if exc is not None:
+            self.retries += 1
         for s in reversed(batch):
-            s.attempts += 1
-            self._pending.appendleft(s)
+            if _is_release(s):
+                if self._release_debt:  # it gave way to a real settlement queued meanwhile
+                    self._release_debt -= 1
+                    instruments().queue.add(-1)
+                    self._drop_releases(1, "the settlement queue is full")
+                    continue
+                self._releases.appendleft(s)
+            else:
+                self._pending.appendleft(s)
+            if exc is not None:
+                s.attempts += 1
+        if exc is None:
+            return
         logger.warning(
             "budget: settle batch of %d failed (%s); will retry", len(batch), exc or "timeout"
         )
@@ -777,6 +853,11 @@ def _rule_attrs(rule: str) -> dict[str, str]:
             _rule_attrs_cache.clear()
         attrs = _rule_attrs_cache[rule] = {ATTR.RULE: rule}
     return attrs
+
+
+def _is_release(s: Settlement) -> bool:
+    """A release: the zero settlement of a reserve whose reply never came (no spend in it)."""
+    return s.actual == 0 and s.reason.startswith("release-")
 
 
 # How often the store may refuse one settlement (not an outage) before it is given up as lost.
