@@ -168,6 +168,14 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
+    def interrupt(self) -> None:
+        """Send SIGINT (Ctrl-C) to the server's main process; do not wait. A second one while
+        uvicorn shuts down forces its exit: it stops waiting for requests and skips the lifespan
+        shutdown."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+
     def wait_exit(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """Wait for the main process to exit; returns its exit code (raises on timeout)."""
         assert self.proc is not None

@@ -567,3 +567,55 @@ async def test_graceful_shutdown_exits_cleanly(
     log = server.log_tail()
     assert "Traceback" not in log, log
     assert returncode == clean_exit, log
+
+
+# =================================================================================================
+# A forced shutdown (a second SIGINT) loses nothing with a journal
+# =================================================================================================
+
+
+async def test_forced_shutdown_journals_streams_in_flight_and_the_next_start_applies_them(
+    make_server: Callable[..., ServerProcess], budgets: BudgetReader, tmp_path: Path
+) -> None:
+    """uvicorn, two streams in flight, SIGINT and a second SIGINT 0.3 s later: uvicorn stops
+    waiting for the streams, skips the lifespan shutdown and cancels everything. Every charge the
+    streams made is then either in Redis or in the journal; a server started again on the same
+    journal replays it, so the spend ends in Redis exactly and no hold is left."""
+    journal = tmp_path / "journal"
+    # A lease far longer than the test: a hold can only disappear here by being settled.
+    env = {"BUDGET_LEASE": "60s", "BUDGET_JOURNAL": str(journal)}
+    truth_path = tmp_path / "truth-forced.jsonl"
+    server = make_server("uvicorn", truth_path=truth_path, **env)
+    entity = new_entity("forced")
+    paths = ["/stream?chunks=1000&delay=0.05&cost=0.01", "/stream?chunks=1000&delay=0.05&cost=0.02"]
+    streams = [await RawStream.open(server, path, entity) for path in paths]
+    try:
+        for stream in streams:
+            await stream.read_until_chunk(2)
+        before = await budgets.usage(entity)
+        assert (before.held, before.holds) == (2 * EST, 2), before
+        readers = [asyncio.create_task(s.read_to_eof()) for s in streams]
+        server.interrupt()
+        await asyncio.sleep(0.3)  # the operator's second Ctrl-C, while uvicorn waits for the streams
+        server.interrupt()
+        await asyncio.to_thread(server.wait_exit, 15.0)
+        await asyncio.gather(*readers, return_exceptions=True)
+    finally:
+        for stream in streams:
+            await stream.close()
+    log = server.log_tail()
+    truth = read_truth(truth_path, entity)
+    assert len(rids(truth)) == 2
+    assert not rids(truth, "end"), "a 50 s stream finished during the shutdown"
+    charged = expected_spent(truth, unreported="estimate")
+    assert charged >= 2 * to_micros("0.01") + 2 * to_micros("0.02")
+
+    # Whatever the first server managed to settle is in Redis; the rest must be in its journal.
+    restarted = make_server("uvicorn", truth_path=tmp_path / "truth-restarted.jsonl", **env)
+    found = await budgets.wait_until(
+        entity, lambda u: (u.spent, u.held, u.holds) == (charged, 0, 0), timeout_s=DRAIN_DEADLINE_S
+    )
+    assert (found.spent, found.held, found.holds) == (charged, 0, 0), (
+        f"after a forced shutdown and a restart: {found}, the app charged {charged}\n{log}\n"
+        f"{restarted.log_tail()}"
+    )

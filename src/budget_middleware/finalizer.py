@@ -380,36 +380,84 @@ class Finalizer:
     async def drain(self, timeout_s: float) -> int:
         """Shut down: wait, within ``timeout_s``, for running requests to hand over their
         settlements and for everything pending to be applied; then stop. Returns what was lost:
-        with a journal, what is still unapplied stays in it for the next start instead."""
-        if not self._worker_alive() and self._unsettled():
-            self.ensure_running()  # a worker that never started: start it to apply what waits
-        await self.wait_idle(timeout_s, requests=True)
+        with a journal, what is still unapplied stays in it for the next start instead.
+
+        Safe to call again (a drain cut short by a cancellation is finished by the next call), and
+        it never waits for a worker that is gone: what the worker can no longer apply, the drain
+        applies itself, until the deadline."""
+        if self._stopped:
+            return self._drop_pending("shutdown drained")
+        deadline = anyio.current_time() + timeout_s
+        await self._wait_handed_over(deadline)
+        # Stop the worker: it ends its pass, or is cancelled (its batch goes back to the queue).
         self._stopping = True
         if self._wakeup is not None:
             self._wakeup.set()
-        with anyio.move_on_after(0.5):
-            await self.wait_idle(0.5)
-        # Stop the worker (a batch in flight goes back to the queue) so what is left is counted.
+        await self._wait_worker_gone(min(0.5, max(0.0, deadline - anyio.current_time())))
         if self._scope is not None:
             self._scope.cancel()
-        with anyio.move_on_after(2):
-            while self.running:
-                if self._changed is None:
-                    self._changed = anyio.Event()
-                await self._changed.wait()
+        await self._wait_worker_gone(2.0)
+        await self._apply_left(deadline)
         self._stopped = True
         with contextlib.suppress(RuntimeError):
             self._drained_loop = asyncio.get_running_loop()
         if self._inflight:
             logger.error(
                 "budget: shutdown drained with %d requests still running; their holds expire by "
-                "lease and whatever they settle from now on is lost",
+                "lease and what they settle from now on is journaled or counted as lost",
                 len(self._inflight),
             )
         left = self._drop_pending("shutdown drained")
         if self._task is not None and not self._task.done():
             self._task.cancel()
         return left
+
+    def abandon(self, why: str = "shutdown cut short") -> int:
+        """Stop at once, without an await (a shutdown cancelled before its drain could run): what
+        is unapplied is journaled, or counted and logged as lost; so is anything handed over
+        later. Returns what was lost."""
+        self._stopping = self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
+        with contextlib.suppress(RuntimeError):
+            self._drained_loop = asyncio.get_running_loop()
+        return self._drop_pending(why)
+
+    async def _wait_handed_over(self, deadline: float) -> None:
+        """Until ``deadline``: wait for running requests to hand their settlements over, and for
+        a live worker to apply what is pending (not for a worker that is gone)."""
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            while self._inflight or (self._unsettled() and self._worker_alive()):
+                if self._wakeup is not None and self._unsettled():
+                    self._wakeup.set()
+                if self._changed is None:
+                    self._changed = anyio.Event()
+                await self._changed.wait()
+
+    async def _wait_worker_gone(self, timeout_s: float) -> None:
+        with anyio.move_on_after(timeout_s):
+            while self.running:
+                if self._changed is None:
+                    self._changed = anyio.Event()
+                await self._changed.wait()
+
+    async def _apply_left(self, deadline: float) -> None:
+        """The worker is gone: apply what is still queued from here, with backoff, until the
+        deadline (what is left then is journaled or counted by the caller)."""
+        failures = 0
+        while self._pending or self._releases:
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                return
+            ok = False
+            with anyio.move_on_after(left):
+                if self.journal is not None:
+                    await self._journal_step()
+                ok = await self._flush()
+            if not ok:
+                failures += 1
+                delay = min(self.retry_cap_s, self.retry_base_s * 2 ** min(failures, 16))
+                await anyio.sleep(min(delay, max(0.0, deadline - anyio.current_time())))
 
     def _drop_pending(self, why: str) -> int:
         """After shutdown: journal what is unapplied (synchronously: the worker is gone), or count
@@ -616,7 +664,11 @@ class Finalizer:
             return True
         batch = self._take_batch()
         if not batch:
-            return True  # nothing journaled yet: the next pass journals, then sends
+            # Nothing journaled yet: the next pass journals, then sends. Those to journal are all
+            # the pending ones not journaled (the list is exact again even if a cancelled write
+            # lost track of some).
+            self._unwritten = [s for s in self._pending if not s.journaled]
+            return True
         self._busy = True
         self._batch = len(batch)
         started = time.time_ns()

@@ -11,12 +11,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import multiprocessing
-import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-import anyio
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, Status, StatusCode
 from starlette.requests import Request
@@ -42,6 +39,7 @@ from .ledger import (
     redis_ledger_from_url,
 )
 from .ledger._types import SyncLedger
+from .lifespan import serve_lifespan
 from .responses import (
     Headers,
     admitted_headers,
@@ -77,17 +75,6 @@ def make_ledger(config: BudgetConfig) -> Ledger:
             wait_replicas=config.wait_replicas,
         )
     return MemoryLedger(horizon_ms=config.horizon_ms)
-
-
-def _several_workers() -> bool:
-    try:
-        if int(os.environ.get("WEB_CONCURRENCY", "1")) > 1:
-            return True
-    except ValueError:
-        pass
-    return multiprocessing.parent_process() is not None or "gunicorn" in os.environ.get(
-        "SERVER_SOFTWARE", ""
-    )
 
 
 class BudgetMiddleware:
@@ -175,71 +162,20 @@ class BudgetMiddleware:
             path = path[len(root) :]
         return any(path == p or path.startswith(p + "/") or not p for p in self._exclude)
 
-    # -- lifespan: the finalizer lives in a task group around the app's lifespan ----------------
-
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-        drained = False
-        closed = False
-        finalizer = self.finalizer
-        drain_s = self.config.drain_timeout_ms / 1000
-
-        async def drain_and_close() -> None:
-            nonlocal drained, closed
-            if started and not drained:
-                drained = True
-                await finalizer.drain(drain_s)
-            if not closed:
-                closed = True
-                with anyio.move_on_after(2):
-                    await self.ledger.aclose()
-
-        async with anyio.create_task_group() as tg:
-
-            async def receive_managing_finalizer() -> Message:
-                nonlocal started, drained
-                message = await receive()
-                if message["type"] == "lifespan.startup" and not started:
-                    await tg.start(finalizer.run)
-                    started = True
-                    self._log_startup()
-                elif message["type"] == "lifespan.shutdown" and started and not drained:
-                    # Requests have ended (or been cancelled) by now: apply their settlements
-                    # before the app's own shutdown runs.
-                    drained = True
-                    await finalizer.drain(drain_s)
-                return message
-
-            async def send_closing_ledger(message: Message) -> None:
-                # Some servers cancel the lifespan task as soon as shutdown completes, so finish
-                # our own shutdown first.
-                if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                    await drain_and_close()
-                await send(message)
-
-            try:
-                await self.app(scope, receive_managing_finalizer, send_closing_ledger)
-            finally:
-                if not (drained and closed):
-                    with anyio.CancelScope(shield=True):
-                        await drain_and_close()
-                tg.cancel_scope.cancel()
-
-    def _log_startup(self) -> None:
-        logger.info("budget: %s", self.config.describe())
-        if isinstance(self.ledger, MemoryLedger) and _several_workers():
-            logger.warning(
-                "budget: the memory ledger is per process and several workers seem to run here; "
-                "each enforces the whole limit, so N workers admit up to N times each budget. "
-                "Set BUDGET_REDIS_URL to share budgets."
-            )
-
     # -- http, and the dispatch --------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            if scope["type"] == "lifespan":
-                await self._lifespan(scope, receive, send)
+            if scope["type"] == "lifespan":  # the finalizer lives around the app's lifespan
+                await serve_lifespan(
+                    self.app,
+                    scope,
+                    receive,
+                    send,
+                    config=self.config,
+                    ledger=self.ledger,
+                    finalizer=self.finalizer,
+                )
             else:  # websockets and anything else pass through unmetered
                 await self.app(scope, receive, send)
             return
