@@ -54,10 +54,10 @@ async def serve_lifespan(
 
 
 async def _refuse_startup(receive: Receive, send: Send, error: str) -> None:
+    """Answer the server's startup with the configuration error: one line, no traceback."""
     message = await receive()
     if message["type"] == "lifespan.startup":
-        logger.error("budget: %s", error)
-        await send({"type": "lifespan.startup.failed", "message": f"budget: {error}"})
+        await send({"type": "lifespan.startup.failed", "message": error})
 
 
 class _Lifespan:

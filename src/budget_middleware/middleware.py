@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .amounts import format_micros
-from .config import BudgetConfig, Rule
+from .config import BudgetConfig, ConfigError, Rule
 from .costs import EstimateError, Estimator, estimate_micros
 from .finalizer import Finalizer
 from .handle import RequestBudget, charge_micros, get_reservation
@@ -96,7 +96,16 @@ class BudgetMiddleware:
         finalizer: Finalizer | None = None,
     ) -> None:
         self.app = app
-        self.config = config if config is not None else BudgetConfig.from_env()
+        # A malformed BUDGET_* variable stops the server at start (the lifespan answers
+        # startup.failed naming it) and every request gets a 500 saying so, never a traceback.
+        self._startup_error: str | None = None
+        if config is None:
+            try:
+                config = BudgetConfig.from_env()
+            except ConfigError as exc:
+                self._startup_error = f"budget configuration invalid: {exc}"
+                config = BudgetConfig()
+        self.config = config
         self.ledger = ledger if ledger is not None else make_ledger(self.config)
         self.hasher = EntityHasher(self.config.secret)
         self.finalizer = finalizer or Finalizer(
@@ -175,12 +184,23 @@ class BudgetMiddleware:
                     config=self.config,
                     ledger=self.ledger,
                     finalizer=self.finalizer,
+                    startup_error=self._startup_error,
                 )
             else:  # websockets and anything else pass through unmetered
                 await self.app(scope, receive, send)
             return
         # The request's life is written out here rather than in a method awaited from here: one
         # coroutine less on every request.
+        if self._startup_error is not None:
+            await send_problem(
+                send,
+                500,
+                "budget configuration invalid",
+                self._startup_error,
+                error_format="problem",
+                code="budget_configuration_invalid",
+            )
+            return
         state: dict[str, Any] | None = scope.get("state")
         if state is None:
             state = scope["state"] = {}
