@@ -33,14 +33,15 @@ START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 
 
-def server_command(kind: str, port: int, *, graceful_s: int = 1) -> list[str]:
-    """The argv that serves ``server_app:app`` on 127.0.0.1:``port`` with ``kind``."""
+def server_command(kind: str, port: int, *, graceful_s: int = 1, lifespan: str = "on") -> list[str]:
+    """The argv that serves ``server_app:app`` on 127.0.0.1:``port`` with ``kind`` (uvicorn with
+    ``--lifespan lifespan``: ``on``, or its default ``auto``)."""
     python = sys.executable
     if kind == "uvicorn":
         return [
             python, "-m", "uvicorn", "server_app:app",
             "--host", "127.0.0.1", "--port", str(port),
-            "--lifespan", "on",
+            "--lifespan", lifespan,
             "--log-level", "warning",
             "--no-access-log",
             # After this, in-flight requests are cancelled and the lifespan shutdown drains.
@@ -81,12 +82,14 @@ class ServerProcess:
         env: Mapping[str, str] | None = None,
         graceful_s: int = 1,
         truth_path: Path | None = None,
+        lifespan: str = "on",
     ) -> None:
         self.kind = kind
         self.redis_url = redis_url
         self.workdir = workdir
         self.extra_env = dict(env or {})
         self.graceful_s = graceful_s
+        self.lifespan = lifespan
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
@@ -124,22 +127,27 @@ class ServerProcess:
         """Start the server and wait for ``/health``; retries a port lost to a race."""
         last = ""
         for _ in range(3):
-            self.port = free_port()
-            self._log = self.log_path.open("ab")
-            self.proc = subprocess.Popen(
-                server_command(self.kind, self.port, graceful_s=self.graceful_s),
-                cwd=TESTS_DIR,
-                env=self.environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            self.spawn()
             if self._wait_ready():
                 return self
             last = self.log_tail()
             self.kill()
         raise RuntimeError(f"{self.kind} did not become ready on 127.0.0.1:{self.port}:\n{last}")
+
+    def spawn(self) -> ServerProcess:
+        """Start the server on a free port without waiting for it (see ``start``)."""
+        self.port = free_port()
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            server_command(self.kind, self.port, graceful_s=self.graceful_s, lifespan=self.lifespan),
+            cwd=TESTS_DIR,
+            env=self.environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
 
     def _wait_ready(self) -> bool:
         assert self.proc is not None
@@ -167,6 +175,14 @@ class ServerProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+
+    def interrupt(self) -> None:
+        """Send SIGINT (Ctrl-C) to the server's main process; do not wait. A second one while
+        uvicorn shuts down forces its exit: it stops waiting for requests and skips the lifespan
+        shutdown."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
 
     def wait_exit(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """Wait for the main process to exit; returns its exit code (raises on timeout)."""

@@ -24,7 +24,7 @@ import pytest
 from budget_middleware import RedisLedger, Usage, to_micros
 from budget_middleware.keys import Budget, EntityHasher
 from redis_server import RedisServer
-from servers import SERVER_KINDS, ServerProcess, expected_spent, read_truth
+from servers import SERVER_KINDS, START_TIMEOUT_S, ServerProcess, expected_spent, read_truth
 
 pytestmark = [pytest.mark.servers, pytest.mark.redis]
 
@@ -567,3 +567,149 @@ async def test_graceful_shutdown_exits_cleanly(
     log = server.log_tail()
     assert "Traceback" not in log, log
     assert returncode == clean_exit, log
+
+
+# =================================================================================================
+# A forced shutdown (a second SIGINT) loses nothing with a journal
+# =================================================================================================
+
+
+async def test_forced_shutdown_journals_streams_in_flight_and_the_next_start_applies_them(
+    make_server: Callable[..., ServerProcess], budgets: BudgetReader, tmp_path: Path
+) -> None:
+    """uvicorn, two streams in flight, SIGINT and a second SIGINT 0.3 s later: uvicorn stops
+    waiting for the streams, skips the lifespan shutdown and cancels everything. Every charge the
+    streams made is then either in Redis or in the journal; a server started again on the same
+    journal replays it, so the spend ends in Redis exactly and no hold is left."""
+    journal = tmp_path / "journal"
+    # A lease far longer than the test: a hold can only disappear here by being settled.
+    env = {"BUDGET_LEASE": "60s", "BUDGET_JOURNAL": str(journal)}
+    truth_path = tmp_path / "truth-forced.jsonl"
+    server = make_server("uvicorn", truth_path=truth_path, **env)
+    entity = new_entity("forced")
+    paths = ["/stream?chunks=1000&delay=0.05&cost=0.01", "/stream?chunks=1000&delay=0.05&cost=0.02"]
+    streams = [await RawStream.open(server, path, entity) for path in paths]
+    try:
+        for stream in streams:
+            await stream.read_until_chunk(2)
+        before = await budgets.usage(entity)
+        assert (before.held, before.holds) == (2 * EST, 2), before
+        readers = [asyncio.create_task(s.read_to_eof()) for s in streams]
+        server.interrupt()
+        await asyncio.sleep(0.3)  # the operator's second Ctrl-C, while uvicorn waits for the streams
+        server.interrupt()
+        await asyncio.to_thread(server.wait_exit, 15.0)
+        await asyncio.gather(*readers, return_exceptions=True)
+    finally:
+        for stream in streams:
+            await stream.close()
+    log = server.log_tail()
+    truth = read_truth(truth_path, entity)
+    assert len(rids(truth)) == 2
+    assert not rids(truth, "end"), "a 50 s stream finished during the shutdown"
+    charged = expected_spent(truth, unreported="estimate")
+    assert charged >= 2 * to_micros("0.01") + 2 * to_micros("0.02")
+
+    # Whatever the first server managed to settle is in Redis; the rest must be in its journal.
+    restarted = make_server("uvicorn", truth_path=tmp_path / "truth-restarted.jsonl", **env)
+    found = await budgets.wait_until(
+        entity, lambda u: (u.spent, u.held, u.holds) == (charged, 0, 0), timeout_s=DRAIN_DEADLINE_S
+    )
+    assert (found.spent, found.held, found.holds) == (charged, 0, 0), (
+        f"after a forced shutdown and a restart: {found}, the app charged {charged}\n{log}\n"
+        f"{restarted.log_tail()}"
+    )
+
+
+# =================================================================================================
+# A malformed BUDGET_* variable stops the server at start, with one line naming it
+# =================================================================================================
+
+
+HYPERCORN_RAISES = pytest.mark.xfail(
+    strict=True,
+    reason="hypercorn answers lifespan.startup.failed by raising LifespanFailureError out of its "
+    "main: it exits non-zero with the line, but inside its own traceback",
+)
+
+
+@pytest.mark.parametrize(
+    ("kind", "lifespan"),
+    [
+        pytest.param("uvicorn", "auto", id="uvicorn-lifespan-auto"),  # uvicorn's default
+        pytest.param("uvicorn", "on", id="uvicorn-lifespan-on"),
+        pytest.param("hypercorn", "on", id="hypercorn", marks=HYPERCORN_RAISES),
+        pytest.param("granian", "on", id="granian"),
+    ],
+)
+async def test_a_malformed_variable_stops_the_server_at_start_with_one_line(
+    kind: str, lifespan: str, redis_url: str, tmp_path: Path
+) -> None:
+    log = await start_misconfigured(kind, lifespan, redis_url, tmp_path)
+    assert "Traceback" not in log, log
+
+
+async def test_a_malformed_variable_stops_hypercorn_at_start_naming_it(
+    redis_url: str, tmp_path: Path
+) -> None:
+    log = await start_misconfigured("hypercorn", "on", redis_url, tmp_path)
+    assert "LifespanFailureError" in log
+    assert "ConfigError" not in log, log  # the package's own error is one line, not a traceback
+
+
+async def start_misconfigured(kind: str, lifespan: str, redis_url: str, tmp_path: Path) -> str:
+    """Start ``kind`` with a malformed BUDGET_LEASE; it must exit non-zero, naming the variable and
+    its value in exactly one line. Returns its log."""
+    server = ServerProcess(
+        kind,
+        redis_url=redis_url,
+        workdir=tmp_path,
+        env=budget_env(BUDGET_LEASE="5parsecs"),
+        lifespan=lifespan,
+    )
+    try:
+        server.spawn()
+        returncode = await asyncio.to_thread(server.wait_exit, START_TIMEOUT_S)
+    finally:
+        server.close()
+    log = server.log_tail(20_000)
+    assert returncode != 0, log
+    named = [line for line in log.splitlines() if "BUDGET_LEASE='5parsecs'" in line]
+    assert len(named) == 1, log
+    assert "budget configuration invalid" in named[0]
+    return log
+
+
+async def test_without_lifespan_a_misconfigured_middleware_answers_500_naming_the_error(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """With the lifespan off nothing can stop the server at start: every request, excluded paths
+    too, is answered with a 500 problem that names the variable, and nothing is metered."""
+    server = ServerProcess(
+        "uvicorn",
+        redis_url=redis_url,
+        workdir=tmp_path,
+        env=budget_env(BUDGET_LEASE="5parsecs"),
+        lifespan="off",
+    )
+    try:
+        server.spawn()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            while True:
+                try:
+                    health = await client.get("/health")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, server.log_tail()
+                    await asyncio.sleep(0.05)
+            metered = await client.get("/complete", headers={ENTITY_HEADER: "someone"})
+    finally:
+        server.close()
+    for response in (health, metered):
+        assert response.status_code == 500
+        assert response.headers["content-type"].startswith("application/problem+json")
+        problem = response.json()
+        assert problem["title"] == "budget configuration invalid"
+        assert "BUDGET_LEASE='5parsecs'" in problem["detail"]
+    assert "Traceback" not in server.log_tail(), server.log_tail()

@@ -9,18 +9,16 @@ in ``finally``, whatever happened, hand one settlement to the finalizer without 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from typing import Any
 
-import anyio
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .amounts import format_micros
-from .config import BudgetConfig
+from .config import BudgetConfig, ConfigError
 from .costs import EstimateError, Estimator, estimate_micros
 from .finalizer import Finalizer
 from .handle import RequestBudget, get_reservation
@@ -35,6 +33,7 @@ from .ledger import (
     new_reservation_id,
     redis_ledger_from_url,
 )
+from .lifespan import serve_lifespan
 from .reserving import OUTCOME_ATTRS, Reserver
 from .resolve import Identify, MissingEntity, Resolver, Wanted, recording_request, replaying
 from .responses import (
@@ -69,17 +68,6 @@ def make_ledger(config: BudgetConfig) -> Ledger:
     return MemoryLedger(horizon_ms=config.horizon_ms)
 
 
-def _several_workers() -> bool:
-    try:
-        if int(os.environ.get("WEB_CONCURRENCY", "1")) > 1:
-            return True
-    except ValueError:
-        pass
-    return multiprocessing.parent_process() is not None or "gunicorn" in os.environ.get(
-        "SERVER_SOFTWARE", ""
-    )
-
-
 class BudgetMiddleware:
     """Hard spend budgets for an ASGI app. See the README for configuration.
 
@@ -100,8 +88,17 @@ class BudgetMiddleware:
         finalizer: Finalizer | None = None,
     ) -> None:
         self.app = app
+        # A malformed BUDGET_* variable stops the server at start (the lifespan answers
+        # startup.failed naming it) and every request gets a 500 saying so, never a traceback.
+        self._startup_error: str | None = None
         self._python_config = config is not None
-        self.config = config if config is not None else BudgetConfig.from_env()
+        if config is None:
+            try:
+                config = BudgetConfig.from_env()
+            except ConfigError as exc:
+                self._startup_error = f"budget configuration invalid: {exc}"
+                config = BudgetConfig()
+        self.config = config
         config = self.config
         if ledger is None:
             ledger = finalizer.ledger if finalizer is not None else make_ledger(config)
@@ -150,80 +147,39 @@ class BudgetMiddleware:
             path = path[len(root) :]
         return any(path == p or path.startswith(p + "/") or not p for p in self._exclude)
 
-    # -- lifespan: the finalizer lives in a task group around the app's lifespan ----------------
-
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-        drained = False
-        closed = False
-        finalizer = self.finalizer
-        drain_s = self.config.drain_timeout_ms / 1000
-
-        async def drain_and_close() -> None:
-            nonlocal drained, closed
-            if started and not drained:
-                drained = True
-                await finalizer.drain(drain_s)
-            if not closed:
-                closed = True
-                with anyio.move_on_after(2):
-                    await self.ledger.aclose()
-
-        async with anyio.create_task_group() as tg:
-
-            async def receive_managing_finalizer() -> Message:
-                nonlocal started, drained
-                message = await receive()
-                if message["type"] == "lifespan.startup" and not started:
-                    await tg.start(finalizer.run)
-                    started = True
-                    self._log_startup()
-                elif message["type"] == "lifespan.shutdown" and started and not drained:
-                    # Requests have ended (or been cancelled) by now: apply their settlements
-                    # before the app's own shutdown runs.
-                    drained = True
-                    await finalizer.drain(drain_s)
-                return message
-
-            async def send_closing_ledger(message: Message) -> None:
-                # Some servers cancel the lifespan task as soon as shutdown completes, so finish
-                # our own shutdown first.
-                if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                    await drain_and_close()
-                await send(message)
-
-            try:
-                await self.app(scope, receive_managing_finalizer, send_closing_ledger)
-            finally:
-                if not (drained and closed):
-                    with anyio.CancelScope(shield=True):
-                        await drain_and_close()
-                tg.cancel_scope.cancel()
-
-    def _log_startup(self) -> None:
-        logger.info("budget: %s", self.config.describe())
-        for warning in setup_warnings(
-            self.config,
-            python_config=self._python_config,
-            environ=os.environ,
-            estimator=self._estimator is not None,
-        ):
-            logger.warning("budget: %s", warning)
-        if isinstance(self.ledger, MemoryLedger) and _several_workers():
-            logger.warning(
-                "budget: the memory ledger is per process and several workers seem to run here; "
-                "each enforces the whole limit, so N workers admit up to N times each budget. "
-                "Set BUDGET_REDIS_URL to share budgets."
-            )
-
     # -- http: the request's life ------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            if scope["type"] == "lifespan":
-                await self._lifespan(scope, receive, send)
+            if scope["type"] == "lifespan":  # the finalizer lives around the app's lifespan
+                await serve_lifespan(
+                    self.app,
+                    scope,
+                    receive,
+                    send,
+                    config=self.config,
+                    ledger=self.ledger,
+                    finalizer=self.finalizer,
+                    startup_error=self._startup_error,
+                    warnings=setup_warnings(
+                        self.config,
+                        python_config=self._python_config,
+                        environ=os.environ,
+                        estimator=self._estimator is not None,
+                    ),
+                )
             else:  # websockets and anything else pass through unmetered
                 await self.app(scope, receive, send)
+            return
+        if self._startup_error is not None:
+            await send_problem(
+                send,
+                500,
+                "budget configuration invalid",
+                self._startup_error,
+                error_format="problem",
+                code="budget_configuration_invalid",
+            )
             return
         state: dict[str, Any] | None = scope.get("state")
         if state is None:

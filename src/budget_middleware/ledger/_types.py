@@ -15,6 +15,7 @@ __all__ = [
     "HoldRequest",
     "Ledger",
     "LedgerError",
+    "LedgerNotSent",
     "LedgerUnavailable",
     "Rejection",
     "Renewed",
@@ -90,6 +91,10 @@ class LedgerError(Exception):
 
 class LedgerUnavailable(LedgerError):
     """The ledger's store is unreachable (connection refused, timed out, no primary)."""
+
+
+class LedgerNotSent(LedgerUnavailable):
+    """The call never reached the store (refused at connect time): nothing to undo."""
 
 
 @dataclass(slots=True)
@@ -178,6 +183,12 @@ class Settlement:
 
     ``holds`` with an empty ``epoch`` and ``window`` -1 come from a reserve whose reply never
     arrived: such a settlement must carry ``actual == 0`` and only releases what it finds.
+
+    ``never_sent`` marks a release whose reserve provably never reached the store (it failed with
+    ``LedgerNotSent``): there is nothing to release, and the finalizer does not queue it.
+
+    ``journaled`` is the finalizer's own bookkeeping: set once this settlement is in its journal
+    (written and fsync'd), so it knows for each one whether a crash now would lose it.
     """
 
     reservation_id: str
@@ -188,6 +199,8 @@ class Settlement:
     attempts: int = 0
     context: object = None  # telemetry: the reserve span's context, for the settle span's link
     trace_id: str = ""
+    never_sent: bool = False
+    journaled: bool = False
 
 
 @dataclass(slots=True)
