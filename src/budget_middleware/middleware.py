@@ -38,8 +38,11 @@ from .reserving import OUTCOME_ATTRS, Reserver
 from .resolve import Identify, MissingEntity, Resolver, Wanted, recording_request, replaying
 from .responses import (
     admitted_headers,
+    send_ambiguous_entity,
+    send_config_invalid,
+    send_estimate_failed,
+    send_identify_failed,
     send_missing_entity,
-    send_problem,
     send_rejection,
     send_unavailable,
 )
@@ -99,7 +102,6 @@ class BudgetMiddleware:
                 self._startup_error = f"budget configuration invalid: {exc}"
                 config = BudgetConfig()
         self.config = config
-        config = self.config
         if ledger is None:
             ledger = finalizer.ledger if finalizer is not None else make_ledger(config)
         elif finalizer is not None and finalizer.ledger is not ledger:
@@ -135,8 +137,6 @@ class BudgetMiddleware:
         }
         self._charge_header = config.charge_header.encode()
         self._exclude = tuple(p.rstrip("/") for p in config.exclude)
-        self._lease_ms = config.lease_ms
-        self._timeout_s = config.timeout_ms / 1000
 
     def _excluded(self, scope: Scope) -> bool:
         if not self._exclude:
@@ -172,14 +172,7 @@ class BudgetMiddleware:
                 await self.app(scope, receive, send)
             return
         if self._startup_error is not None:
-            await send_problem(
-                send,
-                500,
-                "budget configuration invalid",
-                self._startup_error,
-                error_format="problem",
-                code="budget_configuration_invalid",
-            )
+            await send_config_invalid(send, self._startup_error)
             return
         state: dict[str, Any] | None = scope.get("state")
         if state is None:
@@ -344,34 +337,20 @@ class BudgetMiddleware:
             logger.exception("budget: identify failed")
             if self.config.fail_mode == "open":
                 return f"identify failed: {exc}"
-            await send_problem(
-                send,
-                500,
-                "Budget identity lookup failed",
-                "the request's budget identity could not be resolved",
-                error_format=self.config.error_format,
-                code="budget_identify_failed",
-            )
+            await send_identify_failed(send, error_format=self.config.error_format)
         return None
 
     async def _refuse_identity(self, send: Send, exc: AmbiguousEntity | MissingEntity) -> None:
         error_format = self.config.error_format
         if isinstance(exc, MissingEntity):
-            rule = exc.rule
-            await send_missing_entity(send, rule.name, rule.describe_source(), error_format=error_format)
-            return
-        await send_problem(
-            send,
-            400,
-            "Ambiguous budget identity",
-            str(exc),
-            error_format=error_format,
-            code="budget_identity_ambiguous",
-        )
+            source = exc.rule.describe_source()
+            await send_missing_entity(send, exc.rule.name, source, error_format=error_format)
+        else:
+            await send_ambiguous_entity(send, str(exc), error_format=error_format)
 
     async def _estimate(self, request: Request, send: Send) -> int:
         """The estimate in micro-units; ``_RUN_UNMETERED`` when it failed and the fail mode is open;
-        ``_ANSWERED`` once a 400 or 500 has been sent."""
+        ``_ANSWERED`` once a 400 or 500 has been sent. A failure changes no budget."""
         config = self.config
         try:
             return await estimate_micros(self._estimator, request, config.estimate, config.max_hold)
@@ -381,26 +360,12 @@ class BudgetMiddleware:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
             if exc.client_error:
                 logger.info("budget: the request could not be estimated: %s", exc)
-                await send_problem(
-                    send,
-                    400,
-                    "Request cannot be estimated",
-                    f"the request's body cannot be read to estimate its cost: {exc}",
-                    error_format=config.error_format,
-                    code="budget_invalid_request",
-                    headers=[(b"x-should-retry", b"false")],
-                )
-                return _ANSWERED
-            logger.error("budget: %s", exc)
-            if config.fail_mode == "open":
-                return _RUN_UNMETERED
-            await send_problem(
-                send,
-                500,
-                "Budget estimate failed",
-                "the request's cost could not be estimated",
-                error_format=config.error_format,
-                code="budget_estimate_failed",
+            else:
+                logger.error("budget: %s", exc)
+                if config.fail_mode == "open":
+                    return _RUN_UNMETERED
+            await send_estimate_failed(
+                send, str(exc), client_error=exc.client_error, error_format=config.error_format
             )
             return _ANSWERED
 

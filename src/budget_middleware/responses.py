@@ -20,6 +20,10 @@ from .ledger import HeldBudget, Violation
 __all__ = [
     "hold_headers",
     "rate_limit_headers",
+    "send_ambiguous_entity",
+    "send_config_invalid",
+    "send_estimate_failed",
+    "send_identify_failed",
     "send_missing_entity",
     "send_rejection",
     "send_unavailable",
@@ -279,4 +283,64 @@ async def send_missing_entity(send: Send, rule: str, source: str, *, error_forma
         f"rule {rule!r} needs an entity id from {source}, and the request has none",
         error_format=error_format,
         code="budget_identity_missing",
+    )
+
+
+async def send_ambiguous_entity(send: Send, detail: str, *, error_format: str) -> None:
+    await send_problem(
+        send,
+        400,
+        "Ambiguous budget identity",
+        detail,
+        error_format=error_format,
+        code="budget_identity_ambiguous",
+    )
+
+
+async def send_identify_failed(send: Send, *, error_format: str) -> None:
+    await send_problem(
+        send,
+        500,
+        "Budget identity lookup failed",
+        "the request's budget identity could not be resolved",
+        error_format=error_format,
+        code="budget_identify_failed",
+    )
+
+
+async def send_estimate_failed(
+    send: Send, detail: str, *, client_error: bool, error_format: str
+) -> None:
+    """400 when the request is at fault (a body that cannot be read: not worth a retry), else 500."""
+    if client_error:
+        await send_problem(
+            send,
+            400,
+            "Request cannot be estimated",
+            f"the request's body cannot be read to estimate its cost: {detail}",
+            error_format=error_format,
+            code="budget_invalid_request",
+            headers=[(b"x-should-retry", b"false")],
+        )
+        return
+    await send_problem(
+        send,
+        500,
+        "Budget estimate failed",
+        "the request's cost could not be estimated",
+        error_format=error_format,
+        code="budget_estimate_failed",
+    )
+
+
+async def send_config_invalid(send: Send, detail: str) -> None:
+    """Every request of a middleware whose BUDGET_* configuration is malformed (with no lifespan
+    to stop the server at start): the error, never a traceback."""
+    await send_problem(
+        send,
+        500,
+        "budget configuration invalid",
+        detail,
+        error_format="problem",
+        code="budget_configuration_invalid",
     )
