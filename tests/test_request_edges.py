@@ -11,10 +11,18 @@ import pytest
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from asgi_helpers import RecordingSend, ScriptedReceive, SettlementLog, http_scope, settle_all
+from asgi_helpers import (
+    LedgerProxy,
+    RecordingSend,
+    ScriptedReceive,
+    SettlementLog,
+    http_scope,
+    settle_all,
+)
 from budget_middleware import BudgetConfig, BudgetMiddleware, Finalizer, MemoryLedger, Rule
 from budget_middleware import middleware as middleware_module
 from budget_middleware.keys import Budget
+from budget_middleware.ledger import LedgerNotSent, LedgerUnavailable
 
 pytestmark = pytest.mark.memory
 
@@ -186,3 +194,30 @@ async def test_failing_open_after_the_estimator_read_the_body_replays_it_to_the_
     assert send.status == 200
     assert seen == [b"payload"]
     assert await spent_and_held(ledger) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("error", "releases"),
+    [(LedgerNotSent("connect refused"), 0), (LedgerUnavailable("reply lost"), 1)],
+    ids=["never-sent", "outcome-unknown"],
+)
+async def test_a_reserve_that_never_reached_the_store_queues_no_release(
+    error: Exception, releases: int
+) -> None:
+    """A reserve refused before it was sent has nothing to undo: its release would only take a
+    place in the bounded queue during an outage. One whose outcome is unknown is released."""
+    proxy = LedgerProxy(MemoryLedger())
+
+    async def failing(reservation_id: str, holds: Any, lease_ms: int) -> Any:
+        raise error
+
+    proxy.reserve = failing  # type: ignore[method-assign]
+    log = SettlementLog()
+    finalizer = Finalizer(proxy, on_settled=log)
+    mw = BudgetMiddleware(ok, config(), ledger=proxy, finalizer=finalizer)
+    send = RecordingSend()
+    await mw(http_scope(headers=HEADERS), ScriptedReceive(), send)
+    assert send.status == 503
+    await settle_all(finalizer)
+    assert [s.reason for s, _ in log.entries] == ["release-unavailable"] * releases
+    assert finalizer.pending == 0

@@ -15,7 +15,16 @@ from opentelemetry.trace import INVALID_SPAN_CONTEXT, Status, StatusCode
 from .config import BudgetConfig
 from .finalizer import Finalizer
 from .keys import EntityHasher
-from .ledger import HeldBudget, HoldRequest, Ledger, LedgerError, Rejection, Reservation, Settlement
+from .ledger import (
+    HeldBudget,
+    HoldRequest,
+    Ledger,
+    LedgerError,
+    LedgerNotSent,
+    Rejection,
+    Reservation,
+    Settlement,
+)
 from .ledger._types import SyncLedger
 from .telemetry import (
     ATTR,
@@ -81,8 +90,11 @@ class Reserver:
                 async with asyncio.timeout(self._timeout_s):
                     result = await self._ledger.reserve(rid, requests, self._lease_ms)
         except (LedgerError, TimeoutError, OSError) as exc:
-            # The reserve may have run on the server: release whatever it may have held.
-            self._release_unknown(rid, requests, "unavailable")
+            # The reserve may have run on the server: release whatever it may have held, unless
+            # it provably never reached the store.
+            self._release_unknown(
+                rid, requests, "unavailable", never_sent=isinstance(exc, LedgerNotSent)
+            )
             span.set_attribute(ATTR.OUTCOME, "unavailable")
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
@@ -125,7 +137,10 @@ class Reserver:
     def _span_entity(self, token: str) -> str:
         return token if self._config.span_raw_ids else self._hasher.for_span(token)
 
-    def _release_unknown(self, rid: str, requests: list[HoldRequest], reason: str) -> None:
+    def _release_unknown(
+        self, rid: str, requests: list[HoldRequest], reason: str, *, never_sent: bool = False
+    ) -> None:
         holds = tuple(HeldBudget(r.budget, r.amount, -1, "", r.limit, 0, None) for r in requests)
         estimate = requests[0].amount if requests else 0
-        self._finalizer.submit(Settlement(rid, holds, 0, f"release-{reason}", estimate))
+        release = Settlement(rid, holds, 0, f"release-{reason}", estimate, never_sent=never_sent)
+        self._finalizer.submit(release)
