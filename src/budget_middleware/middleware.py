@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, Status, StatusCode
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -301,7 +301,11 @@ class BudgetMiddleware:
             actual = estimate if self._charges_estimate[reason] else 0
         if watch is not None:
             watch.release()
-        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
+        trace_id = (
+            ""
+            if span_context is INVALID_SPAN_CONTEXT or not span_context.is_valid
+            else format(span_context.trace_id, "032x")
+        )
         self.finalizer.submit(
             Settlement(
                 reservation.id,
