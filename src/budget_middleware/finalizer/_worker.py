@@ -11,7 +11,7 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import TaskStatus
 
-from ..journal import Journal
+from ..journal import Journal, ledger_identity
 from ..keys import EntityHasher
 from ..ledger import Ledger, Reservation, Settled, Settlement
 from ..ledger._types import SyncLedger
@@ -58,6 +58,9 @@ class Finalizer(Counters):
         # and it needs no journal: a settlement is applied before submit returns.
         self._settle_now = ledger.settle_now if isinstance(ledger, SyncLedger) else None
         self.journal = journal if self._settle_now is None else None
+        if self.journal is not None and self.journal.identity is None:
+            # Its files name this ledger: a deployment sharing the directory leaves them alone.
+            self.journal.identity = ledger_identity(ledger)
         self._recorder = Recorder(
             self, hasher=hasher or EntityHasher(), span_raw_ids=span_raw_ids, on_settled=on_settled
         )
