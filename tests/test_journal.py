@@ -457,7 +457,7 @@ def test_the_identity_survives_compaction(tmp_path: Path) -> None:
 
 
 def test_the_ledger_identity_names_kind_location_and_prefix_and_never_a_password() -> None:
-    from budget_middleware import RedisLedger
+    from budget_middleware import RedisClusterLedger, RedisLedger
     from budget_middleware.journal import ledger_identity
 
     url = "redis://:s3cr#t/x?y@cache:6379/0"
@@ -468,6 +468,9 @@ def test_the_ledger_identity_names_kind_location_and_prefix_and_never_a_password
     assert one != ledger_identity(RedisLedger("redis://:s3cr#t/x?y@cache:6379/1", prefix="a"))
     assert one != ledger_identity(RedisLedger("redis://cache2:6379/0", prefix="a"))
     assert one != ledger_identity(MemoryLedger())
+    seeds = ledger_identity(RedisClusterLedger("redis+cluster://h1:7000,h2:7001", prefix="a"))
+    assert seeds == ledger_identity(RedisClusterLedger("redis+cluster://h2:7001,h1:7000", prefix="a"))
+    assert seeds != one
 
 
 def test_a_finalizer_journals_under_its_ledger_identity(tmp_path: Path) -> None:

@@ -69,7 +69,9 @@ def _location(url: str) -> str:
     rest = rest.rpartition("@")[2]
     for end in "?#":
         rest = rest.partition(end)[0]
-    return f"{scheme.lower()}://{rest.lower()}"
+    hosts, slash, path = rest.partition("/")
+    hosts = ",".join(sorted(hosts.lower().split(",")))  # a cluster's or sentinels' seed list, any order
+    return f"{scheme.lower()}://{hosts}{slash}{path}"
 
 
 def _client_location(ledger: object) -> str:
