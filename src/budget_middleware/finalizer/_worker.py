@@ -27,7 +27,7 @@ logger = logging.getLogger("budget_middleware")
 
 
 class Finalizer(Counters):
-    """One per middleware: owned by the lifespan's task group, or started lazily on asyncio."""
+    """One per middleware: owned by the lifespan's task group, or started lazily (asyncio or trio)."""
 
     def __init__(
         self,
