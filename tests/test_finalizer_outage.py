@@ -434,7 +434,8 @@ async def test_every_settlement_is_journaled_off_the_event_loop_and_marked_appli
         assert all(thread != loop_thread for thread, _, _ in writes)
         assert journal.path is not None
         ops = [json.loads(line)["op"] for line in journal.path.read_text().splitlines()]
-        assert sorted(ops) == ["applied"] * 6 + ["settle"] * 6
+        assert ops[0] == "ledger"  # the identity of the ledger the file belongs to
+        assert sorted(ops[1:]) == ["applied"] * 6 + ["settle"] * 6
         assert await fin.drain(1) == 0
     assert fin.outcomes == {"applied": 6}
     await assert_spent_exactly(ledger, settlements)

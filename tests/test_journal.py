@@ -381,3 +381,109 @@ async def test_a_memory_ledger_settles_at_once_and_ignores_the_journal(tmp_path:
     assert fin.lost == 0
     assert await fin.drain(0.1) == 0
     assert journal_files(tmp_path) == []
+
+
+# =================================================================================================
+# Each file names its ledger: a process claims only its own
+# =================================================================================================
+
+
+def test_a_journal_claims_only_the_files_of_its_own_ledger(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ours, theirs = settlement(), settlement()
+    for identity, s in (("ours", ours), ("theirs", theirs)):
+        dead = Journal(tmp_path, identity=identity)
+        dead.write([s])
+        dead.close()  # unapplied: left for the next start of that deployment
+
+    mine = Journal(tmp_path, identity="ours")
+    with caplog.at_level(logging.INFO, logger="budget_middleware"):
+        assert mine.claim() == 1
+    assert mine.unapplied() == ([ours], False)
+    assert "belongs to another ledger" in caplog.text
+    (left,) = [p for p in journal_files(tmp_path) if p != mine.path]
+    assert read_unapplied(left) == [theirs]  # untouched, still there for its own deployment
+    mine.close()
+
+    other = Journal(tmp_path, identity="theirs")
+    assert other.claim() == 1
+    assert other.unapplied() == ([theirs], False)
+    other.close()
+
+
+def test_a_file_without_an_identity_is_claimed_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = settlement()
+    (tmp_path / "journal-1-abcdef.jsonl").write_text(json.dumps(encode_settlement(old)) + "\n")
+    j = Journal(tmp_path, identity="ours")
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        assert j.claim() == 1
+    assert j.unapplied() == ([old], False)
+    assert "carries no ledger identity" in caplog.text
+    j.close()
+
+
+def test_the_identity_survives_compaction(tmp_path: Path) -> None:
+    j = Journal(tmp_path, compact_bytes=2_000, identity="ours")
+    kept = settlement()
+    j.write([kept])
+    for _ in range(20):
+        s = settlement()
+        j.write([s])
+        j.write(applied=[s.reservation_id])
+    assert j.compactions > 0
+    done = settlement()
+    j.write([done])
+    j.write(applied=[done.reservation_id, kept.reservation_id])
+    for _ in range(20):  # a compaction that keeps nothing truncates to the identity line
+        s = settlement()
+        j.write([s])
+        j.write(applied=[s.reservation_id])
+    assert j.path is not None
+    lines = j.path.read_bytes().splitlines()
+    assert json.loads(lines[0]) == {"op": "ledger", "id": "ours"}
+    left = settlement()
+    j.write([left])
+    j.close()
+    theirs = Journal(tmp_path, identity="theirs")
+    assert theirs.claim() == 0
+    theirs.close()
+    again = Journal(tmp_path, identity="ours")
+    assert again.claim() == 1
+    assert again.unapplied() == ([left], False)
+    again.close()
+
+
+def test_the_ledger_identity_names_kind_location_and_prefix_and_never_a_password() -> None:
+    from budget_middleware import RedisClusterLedger, RedisLedger
+    from budget_middleware.journal import ledger_identity
+
+    url = "redis://:s3cr#t/x?y@cache:6379/0"
+    one = ledger_identity(RedisLedger(url, prefix="a"))
+    assert one == ledger_identity(RedisLedger(url, prefix="a"))
+    assert one == ledger_identity(RedisLedger("redis://:other-password@cache:6379/0", prefix="a"))
+    assert one != ledger_identity(RedisLedger(url, prefix="b"))
+    assert one != ledger_identity(RedisLedger("redis://:s3cr#t/x?y@cache:6379/1", prefix="a"))
+    assert one != ledger_identity(RedisLedger("redis://cache2:6379/0", prefix="a"))
+    assert one != ledger_identity(MemoryLedger())
+    seeds = ledger_identity(RedisClusterLedger("redis+cluster://h1:7000,h2:7001", prefix="a"))
+    assert seeds == ledger_identity(RedisClusterLedger("redis+cluster://h2:7001,h1:7000", prefix="a"))
+    assert seeds != one
+
+
+def test_a_finalizer_journals_under_its_ledger_identity(tmp_path: Path) -> None:
+    from budget_middleware import RedisLedger
+    from budget_middleware.journal import ledger_identity
+
+    ledger = RedisLedger("redis://:s3cr#t@cache:6379/0", prefix="deploy-a")
+    fin = Finalizer(ledger, journal=Journal(tmp_path))
+    assert fin.journal is not None
+    assert fin.journal.identity == ledger_identity(ledger)
+    fin.journal.write([settlement()])
+    assert fin.journal.path is not None
+    data = fin.journal.path.read_text()
+    assert json.loads(data.splitlines()[0]) == {"op": "ledger", "id": ledger_identity(ledger)}
+    assert "s3cr" not in data
+    fin.journal.close()

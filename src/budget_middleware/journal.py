@@ -7,6 +7,13 @@ lines: ``{"op":"settle",...}`` with every field a settle needs, and ``{"op":"app
 Every write is one ``os.write`` and one ``fsync``; a crash mid-write leaves at most a torn last line,
 which readers skip.
 
+Each file opens with the identity of the ledger it belongs to, ``{"op":"ledger","id":<digest>}``: a
+digest of the ledger's kind, its location without credentials (scheme, hosts, database) and its key
+prefix (``ledger_identity``), never a password. A process claims only the files of its own ledger, so
+deployments that share a directory (another prefix, another Redis) never replay each other's spend
+into the wrong store. Files of older versions carry no identity: they are claimed as before, with a
+warning.
+
 At start-up the finalizer ``claim``\\ s the files nobody holds: their unapplied settlements are copied
 into its own file (fsync'd) and the dead files deleted, so they are applied like its own, with retries,
 and a process dying during the replay leaves them in its own file for the next one. Replaying is safe
@@ -24,19 +31,25 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import secrets
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
-from .keys import Budget
-from .ledger import HeldBudget, Settlement
+from ._journal_records import (
+    _header,
+    _identity,
+    _lines,
+    _parse,
+    decode_settlement,
+    encode_settlement,
+    ledger_identity,
+)
+from .ledger import Settlement
 
-__all__ = ["Journal", "decode_settlement", "encode_settlement", "read_unapplied"]
+__all__ = ["Journal", "decode_settlement", "encode_settlement", "ledger_identity", "read_unapplied"]
 
 logger = logging.getLogger("budget_middleware")
 
@@ -45,110 +58,6 @@ SUFFIX = ".jsonl"
 _TMP_PREFIX = ".journal-"  # files being created or compacted: locked, never read as journals
 _TMP_SUFFIX = ".tmp"
 DEFAULT_COMPACT_BYTES = 4 << 20
-
-
-def encode_settlement(s: Settlement) -> dict[str, Any]:
-    """A settlement as a journal record (everything but the telemetry ``context``)."""
-    return {
-        "op": "settle",
-        "reservation_id": s.reservation_id,
-        "actual": s.actual,
-        "reason": s.reason,
-        "estimate": s.estimate,
-        "trace_id": s.trace_id,
-        "holds": [
-            {
-                "rule": h.budget.rule,
-                "entity": h.budget.entity,
-                "period_ms": h.budget.period_ms,
-                "amount": h.amount,
-                "window": h.window,
-                "epoch": h.epoch,
-                "limit": h.limit,
-                "remaining": h.remaining,
-                "reset_ms": h.reset_ms,
-            }
-            for h in s.holds
-        ],
-    }
-
-
-def _int(record: dict[str, Any], name: str) -> int:
-    value = record[name]
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return value
-
-
-def _str(record: dict[str, Any], name: str) -> str:
-    value = record[name]
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a string, got {value!r}")
-    return value
-
-
-def decode_settlement(record: dict[str, Any]) -> Settlement:
-    """The settlement of a ``settle`` record; ValueError (or KeyError) when it is malformed."""
-    holds = []
-    for h in record["holds"]:
-        reset = h["reset_ms"]
-        if reset is not None and (not isinstance(reset, int) or isinstance(reset, bool)):
-            raise ValueError(f"reset_ms must be an integer or null, got {reset!r}")
-        holds.append(
-            HeldBudget(
-                budget=Budget(_str(h, "rule"), _str(h, "entity"), _int(h, "period_ms")),
-                amount=_int(h, "amount"),
-                window=_int(h, "window"),
-                epoch=_str(h, "epoch"),
-                limit=_int(h, "limit"),
-                remaining=_int(h, "remaining"),
-                reset_ms=reset,
-            )
-        )
-    return Settlement(
-        reservation_id=_str(record, "reservation_id"),
-        holds=tuple(holds),
-        actual=_int(record, "actual"),
-        reason=_str(record, "reason"),
-        estimate=_int(record, "estimate"),
-        trace_id=_str(record, "trace_id"),
-    )
-
-
-def _lines(settlements: Iterable[Settlement], applied: Iterable[str]) -> bytes:
-    out = [json.dumps(encode_settlement(s), separators=(",", ":")) for s in settlements]
-    out += [json.dumps({"op": "applied", "id": i}, separators=(",", ":")) for i in applied]
-    return "".join(line + "\n" for line in out).encode()
-
-
-def _parse(data: bytes, origin: object) -> dict[str, Settlement]:
-    """The unapplied settlements of a journal's bytes, by reservation id, in file order.
-
-    A torn last line (no newline: the writer died mid-write) is skipped quietly; any other line that
-    does not parse is skipped with a warning. A settlement is applied if an ``applied`` record for its
-    id appears anywhere in the file (ids are unique; order does not matter)."""
-    settles: dict[str, Settlement] = {}
-    applied: set[str] = set()
-    lines = data.split(b"\n")
-    torn = lines.pop()  # b"" when the file ends with a newline
-    if torn:
-        logger.info("budget: journal %s ends with a torn record (%d bytes); skipped", origin, len(torn))
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            op = record["op"]
-            if op == "settle":
-                s = decode_settlement(record)
-                settles.setdefault(s.reservation_id, s)
-            elif op == "applied":
-                applied.add(_str(record, "id"))
-            else:
-                raise ValueError(f"unknown op {op!r}")
-        except (ValueError, KeyError, TypeError) as exc:
-            logger.warning("budget: journal %s line %d is malformed (%s); skipped", origin, number, exc)
-    return {i: s for i, s in settles.items() if i not in applied}
 
 
 def _read_fd(fd: int) -> bytes:
@@ -186,17 +95,25 @@ class Journal:
     """One process's append-only settlement journal in ``directory`` (created if missing).
 
     The file is created lazily, on first use, so a journal made before a fork (a server's master
-    process) opens a file of its own in each worker.
+    process) opens a file of its own in each worker. ``identity`` names the ledger its settlements
+    belong to (``ledger_identity``; the finalizer sets it from its ledger when it is None): it opens
+    every file, and only files of the same identity (or of none) are claimed.
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, compact_bytes: int = DEFAULT_COMPACT_BYTES
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        compact_bytes: int = DEFAULT_COMPACT_BYTES,
+        identity: str | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise PermissionError(f"journal directory {str(self.directory)!r} is not writable")
         self.compact_bytes = compact_bytes
+        self.identity = identity
+        self._foreign_logged: set[str] = set()
         self.path: Path | None = None
         self._fd: int | None = None
         self._pid = 0
@@ -220,6 +137,7 @@ class Journal:
         fd = os.open(tmp, flags, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _write_all(fd, _header(self.identity))  # durable with the first record's fsync
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -246,7 +164,7 @@ class Journal:
                 tmp.unlink()
             raise
         self._fd, self.path, self._pid = fd, path, os.getpid()
-        self._size = 0
+        self._size = os.fstat(fd).st_size  # the identity line
         self._torn = False
         self._compact_at = self.compact_bytes
         return fd
@@ -309,9 +227,9 @@ class Journal:
         assert self.path is not None
         keep = list(_parse(_read_fd(fd), self.path).values())
         if not keep:
-            os.ftruncate(fd, 0)
+            self._size = len(_header(self.identity))  # the identity line stays
+            os.ftruncate(fd, self._size)
             os.fsync(fd)
-            self._size = 0
         else:
             data = _lines(keep, ())
             new_fd, tmp = self._new_locked_file()
@@ -327,7 +245,7 @@ class Journal:
                 raise
             os.close(fd)  # the old inode: unlinked by the rename; its lock goes with it
             self._fd = new_fd
-            self._size = len(data)
+            self._size = os.fstat(new_fd).st_size
         self._compact_at = max(self.compact_bytes, 2 * self._size)
         self.compactions += 1
         logger.debug("budget: journal %s compacted to %d settlements", self.path, len(keep))
@@ -392,7 +310,10 @@ class Journal:
             if own_fd is None:
                 path.unlink()
                 return 0
-            settlements = list(_parse(_read_fd(fd), path).values())
+            data = _read_fd(fd)
+            if not self._is_own(path, _identity(data)):
+                return 0
+            settlements = list(_parse(data, path).values())
             if settlements:
                 self._append(own_fd, _lines(settlements, ()))
                 logger.warning(
@@ -406,3 +327,21 @@ class Journal:
             return len(settlements)
         finally:
             os.close(fd)
+
+    def _is_own(self, path: Path, identity: str | None) -> bool:
+        """Whether a file of a process that ended is this journal's to claim."""
+        if identity == self.identity:
+            return True
+        if identity is None:
+            logger.warning(
+                "budget: journal %s carries no ledger identity (an older version wrote it); "
+                "replaying it into this ledger",
+                path,
+            )
+            return True
+        if identity not in self._foreign_logged:
+            self._foreign_logged.add(identity)
+            logger.info(
+                "budget: journal %s belongs to another ledger (identity %s); left to it", path, identity
+            )
+        return False

@@ -77,6 +77,19 @@ class _Lifespan:
         self.closed = False
 
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._run(app, scope, receive, send)
+        except BaseExceptionGroup as group:
+            # The task group wraps whatever the app's own lifespan raised: the server (and the
+            # app's author) see that exception itself, as without this middleware.
+            exc: BaseException = group
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            if exc is group:
+                raise
+            raise exc from exc.__cause__
+
+    async def _run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as tg:
 
             async def receive_managing_finalizer() -> Message:

@@ -16,6 +16,9 @@ Faults (``FaultStep``), each at a time into the load:
     redis-restart      SIGKILL redis-server, wait for 503s (fail-closed), restart it on its AOF
     sigterm            SIGTERM a replica with streams in flight (graceful: its finalizer drains),
                        restart it
+    sigint-twice       SIGINT a replica with streams in flight and again 0.3 s later (a forced
+                       shutdown: uvicorn cancels everything, no lifespan shutdown); nothing it was
+                       handed may be lost: applied, or journaled and replayed at its restart
     sigkill-in-outage  SIGKILL redis-server, wait until a replica has settlements queued (with a
                        journal: in its journal), SIGKILL that replica, restart Redis, then it
     redis-empty        open streams on the ``flight-*`` entities, then SIGKILL redis-server and
@@ -407,6 +410,18 @@ class ChaosRun:
         rec.detail["exit_code"] = await asyncio.to_thread(replica.stop)
         await asyncio.to_thread(replica.start)
 
+    async def _fault_sigint_twice(self, step: FaultStep, rec: FaultRecord) -> None:
+        assert self.load is not None
+        load, replica = self.load, self.replicas[step.replica]
+        rec.detail["streams_ready"] = await wait_for(
+            lambda: load.streams_in_flight(replica.index) >= 2, 5
+        )
+        rec.detail["streams_in_flight"] = load.streams_in_flight(replica.index)
+        replica.up = False
+        rec.detail["pid"] = replica.pid
+        rec.detail["exit_code"] = await asyncio.to_thread(replica.force_stop)
+        await asyncio.to_thread(replica.start)
+
     async def _fault_redis_restart(self, step: FaultStep, rec: FaultRecord) -> None:
         t_down = await self._redis_down(rec)
         rec.detail["503_ready"] = await self._wait_503(t_down)
@@ -619,9 +634,9 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
 
 
 def default_faults(duration_s: float, replicas: int, *, cycles: int = 1) -> tuple[FaultStep, ...]:
-    """``cycles`` rounds of sigkill, redis-restart, sigterm and sigkill-in-outage, spread evenly over
-    the load (the last step well before its end), rotating over the replicas."""
-    kinds = ("sigkill", "redis-restart", "sigterm", "sigkill-in-outage")
+    """``cycles`` rounds of sigkill, redis-restart, sigterm, sigint-twice and sigkill-in-outage,
+    spread evenly over the load (the last step well before its end), rotating over the replicas."""
+    kinds = ("sigkill", "redis-restart", "sigterm", "sigint-twice", "sigkill-in-outage")
     steps = []
     n = cycles * len(kinds)
     span = duration_s * 0.85

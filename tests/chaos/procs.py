@@ -197,6 +197,23 @@ class Replica:
         self.stop_codes.append(code)
         return code
 
+    def force_stop(self, second_after_s: float = 0.3, timeout_s: float = 20.0) -> int:
+        """SIGINT, and a second SIGINT ``second_after_s`` later, as an operator pressing Ctrl-C
+        twice: uvicorn then stops waiting for its requests and skips the lifespan shutdown. Waits
+        for the exit; returns the exit code. Nothing handed over may be lost: applied or journaled."""
+        self.up = False
+        pid = self.pid
+        self.server.interrupt()
+        time.sleep(second_after_s)  # the operator's pause, not a synchronisation
+        self.server.interrupt()
+        try:
+            code = self.server.wait_exit(timeout_s)
+        finally:
+            self.server.close()
+        self.stopped_pids.append(pid)
+        self.stop_codes.append(code)
+        return code
+
     def close(self) -> None:
         self.up = False
         self.server.close()

@@ -24,7 +24,14 @@ __all__ = [
     "Sample",
 ]
 
-FAULT_KINDS = ("sigkill", "redis-restart", "sigterm", "sigkill-in-outage", "redis-empty")
+FAULT_KINDS = (
+    "sigkill",
+    "redis-restart",
+    "sigterm",
+    "sigint-twice",
+    "sigkill-in-outage",
+    "redis-empty",
+)
 TIGHT_KINDS = ("tight", "broke")  # the load's kinds that go to the budgets of the small rule
 GRACE_503_S = 0.5  # a reserve sent just before Redis came back
 

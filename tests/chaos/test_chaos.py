@@ -47,6 +47,7 @@ from .report import FaultRecord
 pytestmark = [pytest.mark.servers, pytest.mark.redis]
 
 LOAD_S = 8.0
+DEFAULT_FAULTS = {"sigkill", "redis-restart", "sigterm", "sigint-twice", "sigkill-in-outage"}
 REQUESTS = 280
 CONCURRENCY = 20
 
@@ -83,7 +84,7 @@ async def test_under_faults_every_settlement_lands_once_but_what_sigkill_took(
 ) -> None:
     report = await run(tmp_path, "faults")
     assert_passed(report)
-    assert set(report.fault_counts()) == {"sigkill", "redis-restart", "sigterm", "sigkill-in-outage"}
+    assert set(report.fault_counts()) == DEFAULT_FAULTS
     assert report.outcomes["503"] > 0, "the Redis outages were not seen (fail-closed: 503)"
     assert report.by_kind["broke"]["429"] > 0
     # The SIGKILL took streams in flight with it: their spend is lost, counted and named.
@@ -100,7 +101,7 @@ async def test_under_faults_every_settlement_lands_once_but_what_sigkill_took(
 async def test_with_the_journal_a_sigkill_loses_only_what_was_never_journaled(tmp_path: Path) -> None:
     report = await run(tmp_path, "journal", journal=True)
     assert_passed(report)
-    assert set(report.fault_counts()) == {"sigkill", "redis-restart", "sigterm", "sigkill-in-outage"}
+    assert set(report.fault_counts()) == DEFAULT_FAULTS
     # Killed during an outage with settlements in its journal, the replica replays them at restart:
     # none of them is lost.
     (outage_kill,) = faults(report, "sigkill-in-outage")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -12,7 +11,7 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import TaskStatus
 
-from ..journal import Journal
+from ..journal import Journal, ledger_identity
 from ..keys import EntityHasher
 from ..ledger import Ledger, Reservation, Settled, Settlement
 from ..ledger._types import SyncLedger
@@ -28,7 +27,7 @@ logger = logging.getLogger("budget_middleware")
 
 
 class Finalizer(Counters):
-    """One per middleware: owned by the lifespan's task group, or started lazily on asyncio."""
+    """One per middleware: owned by the lifespan's task group, or started lazily (asyncio or trio)."""
 
     def __init__(
         self,
@@ -59,6 +58,9 @@ class Finalizer(Counters):
         # and it needs no journal: a settlement is applied before submit returns.
         self._settle_now = ledger.settle_now if isinstance(ledger, SyncLedger) else None
         self.journal = journal if self._settle_now is None else None
+        if self.journal is not None and self.journal.identity is None:
+            # Its files name this ledger: a deployment sharing the directory leaves them alone.
+            self.journal.identity = ledger_identity(ledger)
         self._recorder = Recorder(
             self, hasher=hasher or EntityHasher(), span_raw_ids=span_raw_ids, on_settled=on_settled
         )
@@ -73,10 +75,11 @@ class Finalizer(Counters):
         self._wait_until = -1.0
         self._stopping = False
         self._stopped = False
-        self._drained_loop: asyncio.AbstractEventLoop | None = None
         self.running = False  # the worker runs (read on every request: an attribute)
-        self._task: asyncio.Task[None] | None = None
-        self._task_loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None  # a worker started lazily on asyncio
+        self._trio_launched = False  # ... or on trio, until it runs
+        self._task_loop: object = None  # the event loop it was started on
+        self._drained_loop: object = None
         self._scope: anyio.CancelScope | None = None
 
     @property
@@ -136,11 +139,12 @@ class Finalizer(Counters):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def ensure_running(self) -> None:
-        """Start the worker on this asyncio loop if no lifespan started it (strong reference)."""
+        """Start the worker on this event loop (asyncio or trio) if no lifespan started it: an
+        asyncio task with a strong reference, or a trio system task."""
         if self.running and not self._stopping:
             return
-        loop = asyncio.get_running_loop()
-        if self._task is not None and not self._task.done() and self._task_loop is loop:
+        loop = _event_loop()
+        if self._task_loop is loop and self._launching():
             return
         if self._stopped and self._drained_loop is loop:
             # Shut down by the lifespan on this loop: a late request must not start a worker that
@@ -148,7 +152,17 @@ class Finalizer(Counters):
             return
         self._stopping = self._stopped = self._spool.closed = False
         self._task_loop = loop
-        self._task = loop.create_task(self.run(), name="budget-finalizer")
+        if isinstance(loop, asyncio.AbstractEventLoop):
+            self._task = loop.create_task(self.run(), name="budget-finalizer")
+        else:
+            import trio  # anyio's other backend; imported only when it runs
+
+            self._trio_launched = True
+            trio.lowlevel.spawn_system_task(self.run, name="budget-finalizer")
+
+    def _launching(self) -> bool:
+        """A worker was started lazily and has not ended (it may not have begun yet)."""
+        return self._trio_launched or (self._task is not None and not self._task.done())
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The worker; returns after ``drain`` once everything pending is applied (or journaled).
@@ -157,6 +171,7 @@ class Finalizer(Counters):
         self._wakeup = anyio.Event()
         self.running = True
         self._stopping = self._stopped = self._spool.closed = False
+        self._trio_launched = False  # it runs now: ``running`` says it from here
         try:
             with anyio.CancelScope() as self._scope:
                 if self.journal is not None:
@@ -173,7 +188,7 @@ class Finalizer(Counters):
             self._notify()
 
     def _worker_alive(self) -> bool:
-        return self.running or (self._task is not None and not self._task.done())
+        return self.running or self._launching()
 
     async def wait_idle(self, timeout_s: float, *, requests: bool = False) -> bool:
         """Wait until nothing is pending (and, with ``requests``, no admitted request is still
@@ -223,8 +238,7 @@ class Finalizer(Counters):
         await self._wait_worker_gone(2.0)
         await self._apply_left(deadline)
         self._stopped = self._spool.closed = True
-        with contextlib.suppress(RuntimeError):
-            self._drained_loop = asyncio.get_running_loop()
+        self._drained_loop = _event_loop()
         if self._renewals:
             logger.error(
                 "budget: shutdown drained with %d requests still running; their holds expire by "
@@ -243,8 +257,7 @@ class Finalizer(Counters):
         self._stopping = self._stopped = self._spool.closed = True
         if self._scope is not None:
             self._scope.cancel()
-        with contextlib.suppress(RuntimeError):
-            self._drained_loop = asyncio.get_running_loop()
+        self._drained_loop = _event_loop()
         return self._spool.drop(why)
 
     async def _wait_worker_gone(self, timeout_s: float) -> None:
@@ -342,3 +355,17 @@ class Finalizer(Counters):
         if self.journal is not None:
             await self._spool.journal_step(stopping=self._stopping)
         return await self._sender.flush()
+
+
+def _event_loop() -> object:
+    """The running event loop: asyncio's, or trio's run (its root task stands for it)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    try:
+        import trio
+
+        return trio.lowlevel.current_root_task()
+    except (ImportError, RuntimeError):
+        return None  # no event loop runs (a synchronous caller)
