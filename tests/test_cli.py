@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import pytest
+import redis.asyncio
 
 from budget_middleware import cli
 from budget_middleware.keys import Budget, EntityHasher
@@ -218,6 +220,7 @@ def spend(url: str, budget: Budget, limit: int, *, charged: int = 0, held: int =
     micro-units, and (if ``held``) one live hold of ``held`` left in flight."""
 
     async def run() -> None:
+        await clear_of_a_window_end(url, budget.period_ms)
         ledger = RedisLedger(url)
         try:
             if charged:
@@ -234,6 +237,24 @@ def spend(url: str, budget: Budget, limit: int, *, charged: int = 0, held: int =
             await ledger.aclose()
 
     asyncio.run(run())
+
+
+async def clear_of_a_window_end(url: str, period_ms: int, margin_ms: int = 30_000) -> None:
+    """Return once the budget's window (by Redis TIME, the ledger's clock) has at least
+    ``margin_ms`` left, so the spend made next and the command run after it read the same window:
+    near a window's end this waits for the next window to begin (at most ``margin_ms``)."""
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        with anyio.fail_after(margin_ms / 1000 + 10):
+            while True:
+                seconds, micros = await client.time()
+                now_ms = seconds * 1000 + micros // 1000
+                left_ms = period_ms - now_ms % period_ms
+                if left_ms >= margin_ms:
+                    return
+                await anyio.sleep(left_ms / 1000)  # until the next window begins, then look again
+    finally:
+        await client.aclose()
 
 
 def alice() -> Budget:

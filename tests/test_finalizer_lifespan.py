@@ -15,7 +15,7 @@ import pytest
 import trio
 from starlette.types import Message, Receive, Scope, Send
 
-from asgi_helpers import MessageQueue, RecordingSend, ScriptedReceive, http_scope
+from asgi_helpers import LedgerProxy, MessageQueue, RecordingSend, ScriptedReceive, http_scope
 from budget_middleware import BudgetConfig, BudgetMiddleware, Rule, to_micros
 from budget_middleware.keys import Budget
 from budget_middleware.ledger import MemoryLedger, Settled, Settlement
@@ -88,3 +88,23 @@ def test_without_lifespan_a_request_under_trio_is_served_and_settled_by_the_work
     spent, held, applied, running = trio.run(main)
     assert (spent, held, applied) == (to_micros(2), 0, 1)
     assert running
+
+
+def test_under_trio_an_async_ledger_reserves_with_its_timeout() -> None:
+    """A ledger that is not synchronous is reserved with a timeout: under trio, with anyio's,
+    since asyncio's needs an asyncio loop (it raised RuntimeError there)."""
+    ledger = MemoryLedger()
+    proxy = LedgerProxy(ledger)
+    mw = BudgetMiddleware(ok_app, config(), ledger=proxy)
+    budget = Budget("user", "r:alice", 0)
+
+    async def main() -> tuple[int, int]:
+        sent = RecordingSend()
+        await mw(http_scope(headers=[("x-user", "alice")]), ScriptedReceive(), sent)
+        assert sent.status == 200
+        assert await mw.finalizer.wait_idle(5)
+        usage = await ledger.usage(budget, to_micros(LIMIT))
+        assert await mw.finalizer.drain(2) == 0
+        return usage.spent, usage.held
+
+    assert trio.run(main) == (to_micros(2), 0)

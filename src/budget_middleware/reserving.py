@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import anyio
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, Status, StatusCode
 
@@ -86,8 +87,11 @@ class Reserver:
         try:
             if self._now is not None:  # memory: cannot block, so no timeout to arm
                 result = self._now(rid, requests, self._lease_ms)
-            else:
+            elif asyncio._get_running_loop() is not None:
                 async with asyncio.timeout(self._timeout_s):
+                    result = await self._ledger.reserve(rid, requests, self._lease_ms)
+            else:  # anyio's other backend (trio)
+                with anyio.fail_after(self._timeout_s):
                     result = await self._ledger.reserve(rid, requests, self._lease_ms)
         except (LedgerError, TimeoutError, OSError) as exc:
             # The reserve may have run on the server: release whatever it may have held, unless
