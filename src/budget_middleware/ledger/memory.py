@@ -10,10 +10,10 @@ import heapq
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from ..amounts import check_micros
 from ..keys import Budget
+from ._memory_state import HEAP_SLACK, BudgetState, compact, purge_expired, tidy_windows
 from ._types import (
     HeldBudget,
     HoldRequest,
@@ -32,12 +32,7 @@ from ._types import (
 
 __all__ = ["MemoryLedger"]
 
-PURGE_BATCH = 64
 DAY_MS = 86_400_000
-# A settled hold leaves its entry in the expiry heap (removing it there would cost a search); once
-# dead entries outnumber live ones by this much, the heap is rebuilt from the live holds, so it
-# stays bounded by the holds in flight instead of growing with every request of a lease.
-_HEAP_SLACK = 64
 # Every _SWEEP_EVERY operations, at most _SWEEP_BATCH budgets idle past the horizon are forgotten.
 _SWEEP_EVERY = 1_000
 _SWEEP_BATCH = 256
@@ -48,26 +43,6 @@ _time_ns = time.time_ns
 
 def _wall_clock_ms() -> int:
     return _time_ns() // 1_000_000
-
-
-@dataclass(slots=True)
-class _State:
-    epoch: str
-    held: int = 0
-    holds: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (expiry, amount)
-    expiry_heap: list[tuple[int, str]] = field(default_factory=list)  # lazy: checked against holds
-    expired: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (purged at, amount)
-    done: dict[str, int] = field(default_factory=dict)  # recovered ids -> time
-    spent: dict[int, int] = field(default_factory=dict)  # window -> micro-units
-    touched_ms: int = 0
-    period_ms: int = 0
-
-
-def _compact(st: _State) -> None:
-    """Rebuild the expiry heap from the live holds, dropping the entries of settled ones."""
-    heap = [(expiry, rid) for rid, (expiry, _) in st.holds.items()]
-    heapq.heapify(heap)
-    st.expiry_heap = heap
 
 
 class MemoryLedger:
@@ -85,7 +60,7 @@ class MemoryLedger:
     ) -> None:
         self.horizon_ms = horizon_ms
         self._clock = clock
-        self._states: dict[tuple[str, str], _State] = {}
+        self._states: dict[tuple[str, str], BudgetState] = {}
         self._limits: dict[tuple[str, str], int] = {}
         # When each budget may have been idle for a horizon: (due ms, key), one entry per budget,
         # pushed when it is made and again when a sweep finds it used since. A sweep pops only
@@ -95,33 +70,17 @@ class MemoryLedger:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _state(self, budget: Budget, now: int) -> _State:
+    def _state(self, budget: Budget, now: int) -> BudgetState:
         key = (budget.rule, budget.entity)
         st = self._states.get(key)
         if st is None:
-            st = self._states[key] = _State(epoch=os.urandom(8).hex(), period_ms=budget.period_ms)
+            st = self._states[key] = BudgetState(epoch=os.urandom(8).hex(), period_ms=budget.period_ms)
             heapq.heappush(self._idle_heap, (now + self.horizon_ms, key))
         st.touched_ms = now
         return st
 
-    def _purge(self, st: _State, now: int, expired_ids: list[str]) -> int:
-        heap = st.expiry_heap
-        purged = 0
-        while heap and heap[0][0] <= now and purged < PURGE_BATCH:
-            expiry, rid = heapq.heappop(heap)
-            entry = st.holds.get(rid)
-            if entry is None or entry[0] != expiry:
-                continue  # settled, or renewed (a newer heap entry exists)
-            del st.holds[rid]
-            st.held -= entry[1]
-            st.expired[rid] = (now, entry[1])
-            expired_ids.append(rid)
-            purged += 1
-        if purged:
-            cutoff = now - self.horizon_ms
-            for rid in [r for r, (t, _) in st.expired.items() if t <= cutoff]:
-                del st.expired[rid]
-        return purged
+    def _purge(self, st: BudgetState, now: int, expired_ids: list[str]) -> int:
+        return purge_expired(st, now, self.horizon_ms, expired_ids)
 
     def _limit(self, budget: Budget, default: int) -> int:
         return self._limits.get((budget.rule, budget.entity), default)
@@ -323,8 +282,8 @@ class MemoryLedger:
             outcome = "applied"
             if not st.holds:
                 st.expiry_heap.clear()  # only settled entries were left in it
-            elif len(st.expiry_heap) > 2 * len(st.holds) + _HEAP_SLACK:
-                _compact(st)
+            elif len(st.expiry_heap) > 2 * len(st.holds) + HEAP_SLACK:
+                compact(st)
         elif st.expired.pop(rid, None) is not None:
             outcome = "late"
         elif window < 0:
@@ -346,20 +305,13 @@ class MemoryLedger:
             before = spent.get(window)
             if before is None:
                 spent[window] = actual
-                self._tidy_windows(st, b, window, now)
+                tidy_windows(st, b.period_ms, window, now)
             else:
                 spent[window] = before + actual
         return outcome
 
     def _old(self, reservation_id: str, now: int) -> bool:
         return id_time_ms(reservation_id) < now - self.horizon_ms
-
-    @staticmethod
-    def _tidy_windows(st: _State, budget: Budget, written: int, now: int) -> None:
-        period = budget.period_ms
-        if period and len(st.spent) > 2:
-            for w in [w for w in st.spent if w != written and w + 2 * period < now]:
-                del st.spent[w]
 
     def settle_now(self, settlement: Settlement) -> Settled:
         """Settle synchronously: the memory ledger cannot fail or block, so the finalizer applies
