@@ -7,7 +7,8 @@ Two kinds of tests:
   broke without the check;
 - the other classes pin down behaviour that matters: the flat reserve reply and the string settle
   reply, the purge pass state (``pa`` '0' while a pass is under way), the epoch made from the id of
-  the reservation that made the budget, the stale check done in Lua from the id.
+  the reservation that made the budget, the stale check done in Lua from the reserve's time (or,
+  for a settlement that does not carry it, the id's).
 
 Raw script calls go through ``RedisLedger._eval`` (EVALSHA with the ledger's own scripts), so the
 arguments reach Lua exactly as written here.
@@ -27,6 +28,7 @@ from budget_middleware.ledger import (
     HoldRequest,
     LedgerError,
     Rejection,
+    Renewed,
     Reservation,
     Settlement,
     new_reservation_id,
@@ -190,31 +192,30 @@ class TestRegressions:
         assert again.holds[0].epoch != r1.holds[0].epoch
 
     @pytest.mark.parametrize(
-        ("release", "actual"),
+        ("actual", "reserved"),
         [
-            pytest.param("-5.0", "5", id="release-5.0"),
-            pytest.param("-5 ", "5", id="release-trailing-space"),
-            pytest.param("-0x5", "5", id="release-hex"),
-            pytest.param("-5", "5.0", id="actual-5.0"),
-            pytest.param("-5", "5e0", id="actual-exponent"),
-            pytest.param("-5", " 5", id="actual-leading-space"),
-            pytest.param("-5", "1" + "0" * 25, id="actual-out-of-range"),
-            pytest.param("-1" + "0" * 25, "5", id="release-out-of-range"),
+            pytest.param("5.0", "0", id="actual-5.0"),
+            pytest.param("5e0", "0", id="actual-exponent"),
+            pytest.param(" 5", "0", id="actual-leading-space"),
+            pytest.param("1" + "0" * 25, "0", id="actual-out-of-range"),
+            pytest.param("5", "-1", id="reserved-negative"),
+            pytest.param("5", "x", id="reserved-not-a-number"),
+            pytest.param("5", "nan", id="reserved-nan"),
         ],
     )
     async def test_a_settle_with_a_non_canonical_integer_writes_nothing(
-        self, make_ledger: Any, release: str, actual: str
+        self, make_ledger: Any, actual: str, reserved: str
     ) -> None:
-        """The amount and actual cost go to HINCRBY as the caller wrote them, and HINCRBY takes only
-        integers as Redis writes them, while Lua reads '5.0', '5e0', ' 5' and '0x5' as 5. Were
-        such a value found only by the HINCRBY, after the HDEL of the hold, ``held`` would keep
-        the amount for good (a leaked reservation) or the spend would never be added.
+        """The actual cost goes to HINCRBY as the caller wrote it, and HINCRBY takes only integers
+        as Redis writes them, while Lua reads '5.0', '5e0' and ' 5' as 5. Were such a value found
+        only by the HINCRBY, after the HDEL of the hold, the spend would never be added. The
+        reserve's time must be a number too.
         """
         ledger = await make_ledger()
         a = budget("r:a")
         r = await admit(ledger, a, 5)
         hb = r.holds[0]
-        args = ["h:" + r.id, actual, ledger.horizon_ms, release, f"s:{hb.window}", hb.epoch, DAY_MS]
+        args = ["h:" + r.id, actual, ledger.horizon_ms, f"s:{hb.window}", hb.epoch, DAY_MS, reserved]
         try:
             await ledger._eval("settle", [key(ledger, a)], args)
         except LedgerError:
@@ -236,7 +237,7 @@ class TestRegressions:
         a = budget("r:a")
         r = await admit(ledger, a, 5)
         hb = r.holds[0]
-        args = ["h:" + r.id, 5, ledger.horizon_ms, -5, spent_field, hb.epoch, DAY_MS]
+        args = ["h:" + r.id, 5, ledger.horizon_ms, spent_field, hb.epoch, DAY_MS, 0]
         with pytest.raises(LedgerError):
             await ledger._eval("settle", [key(ledger, a)], args)
         assert "h:" + r.id in await fields(ledger, a)
@@ -260,7 +261,7 @@ class TestRegressions:
             await ledger._eval(
                 "settle",
                 [key(ledger, a)],
-                [field, 5, ledger.horizon_ms, -5, f"s:{hb.window}", hb.epoch, DAY_MS],
+                [field, 5, ledger.horizon_ms, f"s:{hb.window}", hb.epoch, DAY_MS, 0],
             )
         assert await fields(ledger, a) == before
 
@@ -281,14 +282,14 @@ class TestRegressions:
             "h:" + r.id,
             5,
             "",
-            -5,
             f"s:{ha.window}",
             ha.epoch,
             DAY_MS,
-            -5,
+            ha.reserved_ms,
             f"s:{hl.window}",
             hl.epoch,
             DAY_MS,
+            hl.reserved_ms,
         ]
         with pytest.raises(LedgerError):
             await ledger._eval("settle", [key(ledger, a), key(ledger, lost)], args)
@@ -456,10 +457,10 @@ class TestReplyShapes:
             "h:" + r.id,
             3,
             ledger.horizon_ms,
-            -5,
             f"s:{r.holds[0].window}",
             r.holds[0].epoch,
             DAY_MS,
+            r.now_ms,
         ]
         assert await ledger._eval(*call) == "applied"
         both = ledger._settle_call(Settlement(r.id, r.holds, 3, "completed"))
@@ -475,7 +476,7 @@ class TestReplyShapes:
         r = await admit(ledger, a, 5)
         blind = HeldBudget(a, 5, -1, "", LIMIT, 0, None)
         call = ledger._settle_call(Settlement(r.id, (blind,), 0, "release-unavailable"))
-        assert call[2][3:] == [-5, "", "", DAY_MS]
+        assert call[2][3:] == ["", "", DAY_MS, 0]
         assert (await ledger.settle(Settlement(r.id, (blind,), 0, "release"))).outcomes == ("applied",)
         assert (await ledger.settle(Settlement(r.id, (blind,), 0, "release"))).outcomes == ("duplicate",)
         assert int((await fields(ledger, a))["held"]) == 0
@@ -500,14 +501,14 @@ class TestSettlePaths:
             "h:" + r.id,
             3,
             ledger.horizon_ms,
-            -5,
             f"s:{hb.window}",
             hb.epoch,
             DAY_MS,
-            -5,
+            hb.reserved_ms,
             "",
             "",
             DAY_MS,
+            0,
         ]
         with pytest.raises(LedgerError):
             await ledger._eval("settle", keys, args)
@@ -530,6 +531,36 @@ class TestSettlePaths:
         assert (await ledger.settle(Settlement(r1.id, (blind,), 0, "release"))).outcomes == ("late",)
         assert (await ledger.settle(settlement(r1, 6))).outcomes == ("duplicate",)
         assert await spent_now(ledger, a) == 4
+
+    async def test_a_tombstone_keeps_the_amount_of_its_hold(self, make_ledger: Any) -> None:
+        """``t:<id>`` is '<purge time>:<amount>': a renewal holds it again with that amount."""
+        ledger = await make_ledger()
+        a = budget("r:a")
+        r = await expired_hold(ledger, a, 5)
+        purger = await admit(ledger, a, 0)
+        assert purger.expired_ids == (r.id,)
+        assert (await fields(ledger, a))["t:" + r.id] == f"{purger.now_ms}:5"
+
+    async def test_a_tombstone_of_an_older_version_is_left_for_its_settle(
+        self, make_ledger: Any
+    ) -> None:
+        """A tombstone written before tombstones carried their amount ('<purge time>') cannot be
+        held again: the renewal counts it missing and leaves it, so the settle still finds it late;
+        and the purge still sweeps it after the horizon."""
+        ledger = await make_ledger(horizon_ms=60_000)
+        a = budget("r:a")
+        r = await admit(ledger, a, 5)
+        now = await server_ms(ledger)
+        await ledger.client().hdel(key(ledger, a), "h:" + r.id)
+        await ledger.client().hincrby(key(ledger, a), "held", -5)
+        await ledger.client().hset(key(ledger, a), "t:" + r.id, str(now))
+        assert await ledger.extend([r], LONG_LEASE_MS) == Renewed(missing=1)
+        assert int((await fields(ledger, a))["held"]) == 0
+        assert (await ledger.settle(settlement(r, 4))).outcomes == ("late",)
+        assert await spent_now(ledger, a) == 4
+        await ledger.client().hset(key(ledger, a), mapping={"t:old": str(now - 61_000), "pa": "1"})
+        await ledger.usage(a, LIMIT)
+        assert "t:old" not in await fields(ledger, a)
 
     async def test_recovered_after_a_flush_then_duplicate(self, make_ledger: Any) -> None:
         ledger = await make_ledger()
@@ -656,7 +687,7 @@ class TestPassState:
         # The next pass is due no later than the first thing left to sweep.
         assert int(f["pa"]) <= min(
             [int(v.split(":")[0]) for k, v in f.items() if k.startswith("h:")]
-            + [int(v) + ledger.horizon_ms for k, v in f.items() if k.startswith("t:")]
+            + [int(v.split(":")[0]) + ledger.horizon_ms for k, v in f.items() if k.startswith("t:")]
         )
 
     async def test_a_renewal_during_a_pass_reholds_and_moves_pm(self, listpack_entries: Any) -> None:

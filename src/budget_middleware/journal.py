@@ -67,6 +67,7 @@ def encode_settlement(s: Settlement) -> dict[str, Any]:
                 "limit": h.limit,
                 "remaining": h.remaining,
                 "reset_ms": h.reset_ms,
+                "reserved_ms": h.reserved_ms,
             }
             for h in s.holds
         ],
@@ -103,6 +104,8 @@ def decode_settlement(record: dict[str, Any]) -> Settlement:
                 limit=_int(h, "limit"),
                 remaining=_int(h, "remaining"),
                 reset_ms=reset,
+                # Absent from the lines of a version before it: unknown (see HeldBudget).
+                reserved_ms=_int(h, "reserved_ms") if "reserved_ms" in h else 0,
             )
         )
     return Settlement(

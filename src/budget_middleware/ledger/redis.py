@@ -141,7 +141,7 @@ def _common_reserve_result(
         violation = Violation(budget, limit, spent, held, h.amount, budget.reset_ms(window), now)
         return Rejection(reservation_id, (violation,), 0, ())
     remaining = limit - spent - held - h.amount
-    hold = HeldBudget(budget, h.amount, window, epoch, limit, remaining, budget.reset_ms(window))
+    hold = HeldBudget(budget, h.amount, window, epoch, limit, remaining, budget.reset_ms(window), now)
     return Reservation(reservation_id, (hold,), lease_ms, now, 0, (), False)
 
 
@@ -403,6 +403,7 @@ class RedisLedger:
                 int(limit),
                 int(remaining),
                 h.budget.reset_ms(window),
+                now,
             )
             for h, (epoch, limit, remaining) in zip(holds, rows, strict=True)
         )
@@ -469,7 +470,7 @@ class RedisLedger:
         for hb in s.holds:
             keys.append(self._key(hb.budget))
             spent_field = f"s:{hb.window}" if hb.window >= 0 else ""
-            args += [-hb.amount, spent_field, hb.epoch, hb.budget.period_ms]
+            args += [spent_field, hb.epoch, hb.budget.period_ms, hb.reserved_ms]
         return "settle", keys, args
 
     @staticmethod
@@ -502,13 +503,9 @@ class RedisLedger:
         check_lease(lease_ms, self.horizon_ms)
         calls: list[tuple[str, list[str], list[Any]]] = []
         for r in reservations:
-            keys: list[str] = []
-            args: list[Any] = [r.id, lease_ms, self.horizon_ms]
-            for hb in r.holds:
-                keys.append(self._key(hb.budget))
-                args.append(hb.amount)
+            keys = [self._key(hb.budget) for hb in r.holds]
             if keys:
-                calls.append(("extend", keys, args))
+                calls.append(("extend", keys, [r.id, lease_ms, self.horizon_ms]))
         renewed = reheld = missing = 0
         for reply in await self._eval_many(calls):
             if isinstance(reply, BaseException):

@@ -20,7 +20,7 @@ local function window_of(now, period)
 end
 
 -- One step of a purge pass over the hash at `key`, from HSCAN `cursor`: expired holds become
--- tombstones (their ids appended to `ids`, their field/value pairs to `writes` for the caller's
+-- tombstones (their purge time and amount) (their ids appended to `ids`, their field/value pairs to `writes` for the caller's
 -- HSET), tombstones and done records older than the horizon and windows that ended a period ago are
 -- deleted. `due` carries the earliest time anything seen will be due. `seen`, when given, makes
 -- the step count each live hold once across steps (HSCAN may return an element twice).
@@ -38,12 +38,13 @@ local function purge_step(key, cursor, due, now, horizon, period, ids, writes, s
       local expiry = tonumber(string.sub(value, 1, sep - 1))
       if expiry <= now then
         local id = string.sub(field, 3)
-        released = released + tonumber(string.sub(value, sep + 1))
+        local amount = string.sub(value, sep + 1)
+        released = released + tonumber(amount)
         moved = moved + 1
         ids[#ids + 1] = id
         dels[#dels + 1] = field
         writes[#writes + 1] = 't:' .. id
-        writes[#writes + 1] = int(now)
+        writes[#writes + 1] = int(now) .. ':' .. amount
         due = math.min(due, now + horizon)
       else
         due = math.min(due, expiry)
@@ -55,7 +56,9 @@ local function purge_step(key, cursor, due, now, horizon, period, ids, writes, s
         end
       end
     elseif kind == 't:' or kind == 'd:' then
-      local ends = tonumber(value) + horizon
+      -- '<time>', or a tombstone's '<time>:<amount>' (a tombstone of an older version: '<time>')
+      local sep = string.find(value, ':', 1, true)
+      local ends = tonumber(sep and string.sub(value, 1, sep - 1) or value) + horizon
       if ends <= now then
         dels[#dels + 1] = field
       else
