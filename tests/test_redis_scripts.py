@@ -763,6 +763,90 @@ class TestPassState:
 # =================================================================================================
 
 
+async def big_budget(ledger: Any, b: Budget, expired: int, live: int) -> int:
+    """Write ``b``'s hash by hand: ``expired`` holds whose lease has passed and ``live`` holds with
+    a long one, 1 micro-unit each, and a purge pass due. Returns the server's time."""
+    now = await server_ms(ledger)
+    k = key(ledger, b)
+    holds = {f"h:{new_reservation_id()}": f"{now - 1000}:1" for _ in range(expired)}
+    holds |= {f"h:{new_reservation_id()}": f"{now + DAY_MS}:1" for _ in range(live)}
+    items = list(holds.items())
+    async with ledger.client().pipeline(transaction=False) as pipe:
+        for i in range(0, len(items), 1000):
+            pipe.hset(k, mapping=dict(items[i : i + 1000]))
+        pipe.hset(
+            k,
+            mapping={"held": expired + live, "epoch": "e", "ttl": now + 2 * DAY_MS, "pa": 1},
+        )
+        pipe.pexpireat(k, now + 2 * DAY_MS)
+        await pipe.execute()
+    return now
+
+
+class TestUsageIsBounded:
+    """usage.lua does a bounded batch per call (it ran a whole purge pass, 437 ms of Redis time on
+    a budget of 200k fields); ``usage`` makes as many calls as the budget needs."""
+
+    EXPIRED, LIVE = 6000, 4000
+    # HSCAN's COUNT is a hint: a step may see a few more fields than the batch (64, or 256 for the
+    # count), never thousands.
+    STEP_BOUND = 200
+    COUNT_BOUND = 600
+
+    async def test_one_call_purges_one_batch(self, make_ledger: Any) -> None:
+        """Failed before: the one call purged all 6000 expired holds."""
+        ledger = await make_ledger()
+        a = budget("r:big")
+        await big_budget(ledger, a, self.EXPIRED, self.LIVE)
+        reply = await ledger._eval("usage", [key(ledger, a)], [DAY_MS, LIMIT, DAY_MS, ""])
+        assert len(reply) == 9
+        _, _, _, _, held, purged, under_way, live, cursor = reply
+        assert 0 < purged <= self.STEP_BOUND
+        assert held == self.EXPIRED + self.LIVE - purged
+        assert (under_way, live, cursor) == (1, 0, "")
+        f = await fields(ledger, a)
+        assert (f["pa"], int(f["held"])) == ("0", held)
+
+    async def test_one_call_counts_one_batch(self, make_ledger: Any) -> None:
+        ledger = await make_ledger()
+        a = budget("r:big")
+        await big_budget(ledger, a, 0, self.LIVE)
+        reply = await ledger._eval("usage", [key(ledger, a)], [DAY_MS, LIMIT, DAY_MS, "0"])
+        *_, live, cursor = reply
+        assert 0 < live <= self.COUNT_BOUND
+        assert cursor != "0"
+
+    async def test_usage_sums_bounded_calls(self, make_ledger: Any) -> None:
+        ledger = await make_ledger()
+        a = budget("r:big")
+        stamp = await big_budget(ledger, a, self.EXPIRED, self.LIVE)
+        replies: list[Any] = []
+        script_call = ledger._eval
+
+        async def recorded(name: str, keys: list[str], args: list[Any]) -> Any:
+            reply = await script_call(name, keys, args)
+            replies.append(reply)
+            return reply
+
+        ledger._eval = recorded
+        u = await ledger.usage(a, LIMIT)
+        assert (u.held, u.holds, u.purged) == (self.LIVE, self.LIVE, self.EXPIRED)
+        assert len(replies) > self.EXPIRED // self.STEP_BOUND
+        assert max(r[5] for r in replies) <= self.STEP_BOUND
+        assert max(r[7] for r in replies) <= self.COUNT_BOUND
+        f = await fields(ledger, a)
+        assert f["pa"] != "0", "usage runs the pass under way to its end"
+        assert not [k for k, v in f.items() if k.startswith("h:") and v == f"{stamp - 1000}:1"]
+
+    @pytest.mark.parametrize(
+        "cursor", [pytest.param("x", id="not-a-cursor"), pytest.param("-1", id="negative")]
+    )
+    async def test_a_bad_cursor_is_refused(self, make_ledger: Any, cursor: str) -> None:
+        ledger = await make_ledger()
+        with pytest.raises(LedgerError, match="usage: bad arguments"):
+            await ledger._eval("usage", [key(ledger, budget())], [DAY_MS, LIMIT, DAY_MS, cursor])
+
+
 class TestEpoch:
     async def test_the_epoch_is_the_id_of_the_reservation_that_made_the_state(
         self, make_ledger: Any

@@ -466,9 +466,13 @@ class RedisClusterLedger(RedisLedger):
             if pending and pending[0].budget == holds[i].budget:
                 found[i] = pending.pop(0)
         later = [i for g in rest[1:] for i in g]
-        usages = await asyncio.gather(
-            *(self.usage(holds[i].budget, holds[i].limit) for i in later), return_exceptions=True
+        # One bounded step each (what a reserve would read), not a whole usage: this is the
+        # request path.
+        steps = await asyncio.gather(
+            *(self._usage_step(holds[i].budget, holds[i].limit, "") for i in later),
+            return_exceptions=True,
         )
+        usages = [s if isinstance(s, BaseException) else s.usage for s in steps]
         purged = refused.purged + sum(r.purged for _, r in taken)
         for i, u in zip(later, usages, strict=True):
             if isinstance(u, BaseException):

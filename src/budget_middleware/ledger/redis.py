@@ -14,6 +14,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -143,6 +144,16 @@ def _common_reserve_result(
     remaining = limit - spent - held - h.amount
     hold = HeldBudget(budget, h.amount, window, epoch, limit, remaining, budget.reset_ms(window), now)
     return Reservation(reservation_id, (hold,), lease_ms, now, 0, (), False)
+
+
+@dataclass(slots=True)
+class _UsageStep:
+    """One call of usage.lua: the budget's state (``holds`` the live holds of this call's batch),
+    whether a purge pass is still under way, and the count's next cursor ('' for no count)."""
+
+    usage: Usage
+    under_way: bool
+    cursor: str
 
 
 def _wrap(exc: BaseException) -> LedgerError:
@@ -515,21 +526,50 @@ class RedisLedger:
             missing += int(reply[2])
         return Renewed(renewed, reheld, missing)
 
-    async def usage(self, budget: Budget, limit: int) -> Usage:
-        args = [budget.period_ms, limit, self.horizon_ms]
+    async def _usage_step(self, budget: Budget, limit: int, count_from: str) -> _UsageStep:
+        """One call of usage.lua: a step of the purge pass when one is due, then (unless
+        ``count_from`` is '') one batch of the count of live holds from that HSCAN cursor."""
+        args = [budget.period_ms, limit, self.horizon_ms, count_from]
         reply = await self._eval("usage", [self._key(budget)], args)
-        now, window, eff_limit, spent, held, count, purged, _ids = reply
-        return Usage(
-            budget,
-            int(eff_limit),
-            int(spent),
-            int(held),
-            int(count),
-            int(window),
-            budget.reset_ms(int(window)),
-            int(now),
-            int(purged),
-        )
+        try:
+            now, window, eff_limit, spent, held, purged, under_way, live, cursor = reply
+            window = int(window)
+            usage = Usage(
+                budget,
+                int(eff_limit),
+                int(spent),
+                int(held),
+                int(live),
+                window,
+                budget.reset_ms(window),
+                int(now),
+                int(purged),
+            )
+        except (TypeError, ValueError):
+            raise LedgerError(f"unexpected usage reply {reply!r}") from None
+        return _UsageStep(usage, bool(int(under_way)), str(cursor))
+
+    async def usage(self, budget: Budget, limit: int) -> Usage:
+        """The budget's state after the purge pass under way (or due) has run to its end, with its
+        live holds counted; every script call does a bounded batch of that work, so a budget of
+        many holds costs many short calls, never one long one. Read while other requests run,
+        the count is of holds seen by a scan, not a snapshot."""
+        step = await self._usage_step(budget, limit, "")
+        purged = step.usage.purged
+        while step.under_way:
+            step = await self._usage_step(budget, limit, "")
+            purged += step.usage.purged
+        live, cursor = 0, "0"
+        while True:
+            step = await self._usage_step(budget, limit, cursor)
+            purged += step.usage.purged
+            live += step.usage.holds
+            cursor = step.cursor
+            if cursor == "0":
+                break
+        step.usage.holds = live
+        step.usage.purged = purged
+        return step.usage
 
     async def set_limit(self, budget: Budget, limit: int | None) -> None:
         if limit is not None:
