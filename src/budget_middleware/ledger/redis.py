@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
@@ -40,34 +39,14 @@ from ._types import (
     Violation,
     check_lease,
 )
+from .urls import check_redis_url, redact_url
 
-__all__ = ["RedisLedger", "redact_url"]
+__all__ = ["RedisLedger"]
 
 logger = logging.getLogger("budget_middleware")
 
 DAY_MS = 86_400_000
 _OUTCOMES: frozenset[str] = frozenset({"applied", "late", "recovered", "duplicate", "stale"})
-
-
-_SECRET_PARAMS = ("password", "user", "token", "secret", "auth", "key")
-
-
-def redact_url(url: str) -> str:
-    """A Redis URL fit for a log line: credentials in the authority and a ``password`` (or
-    ``username``) query parameter replaced by ``***``."""
-    parts = urlsplit(url)
-    if not parts.netloc and "@" in url:  # no scheme: "user:password@host:port"
-        return "***@" + url.rpartition("@")[2]
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = "&".join(
-            f"{k}=***" if any(w in k.lower() for w in _SECRET_PARAMS) else f"{k}={v}" for k, v in pairs
-        )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class _Script:
@@ -186,6 +165,8 @@ class RedisLedger:
     ) -> None:
         if url is None and client is None:
             raise ValueError("RedisLedger needs a url or a client")
+        if url is not None:
+            check_redis_url(url)
         self.url = url
         self.layout = KeyLayout(prefix)
         self.horizon_ms = horizon_ms
