@@ -744,9 +744,10 @@ class TestPassState:
 
     async def test_a_clock_behind_pa_leaves_the_pass_alone(self, make_ledger: Any) -> None:
         """With ``pa`` in the future (the clock stepped back, or nothing due), a reserve reads no
-        pass state and writes none."""
+        pass state and writes none. (A lifetime budget: a daily one's first reserve of a window
+        within a lease of midnight brings ``pa`` forward to the window's end.)"""
         ledger = await make_ledger()
-        a = budget("r:a")
+        a = budget("r:a", period_ms=0)
         await admit(ledger, a, 1)
         pa = await server_ms(ledger) + LONG_LEASE_MS // 2  # before the next hold's expiry
         await ledger.client().hset(key(ledger, a), mapping={"pa": str(pa)})

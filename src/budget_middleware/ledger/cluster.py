@@ -220,7 +220,9 @@ class RedisClusterLedger(RedisLedger):
                 for i, (_, keys, _) in enumerate(calls):
                     node = client.get_node_from_key(keys[0])
                     if node is None:  # pragma: no cover - only for replica=True
-                        raise rexc.SlotNotCoveredError(f"no node serves key {keys[0]!r}")
+                        raise rexc.SlotNotCoveredError(  # type: ignore[no-untyped-call, unused-ignore]
+                            f"no node serves key {keys[0]!r}"
+                        )
                     by_node.setdefault(node.name, (node, []))[1].append(i)
             except _ERRORS as exc:
                 raise _wrap(exc) from exc

@@ -76,7 +76,7 @@ class RedisSentinelLedger(RedisLedger):
             "socket_timeout": self._socket_timeout,
             "socket_connect_timeout": self._socket_timeout,
         }
-        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(self._sentinels),
             # No retries against one Sentinel (redis-py's default client retries ten times with
             # backoff, seconds per Sentinel that is down): asking the next Sentinel is the retry.
@@ -112,6 +112,7 @@ class RedisSentinelLedger(RedisLedger):
         try:
             await super().aclose()
         finally:
-            if sentinel is not None:
+            # Each Sentinel's client, one by one (``Sentinel.aclose`` came with redis-py 7).
+            for client in sentinel.sentinels if sentinel is not None else ():
                 with contextlib.suppress(rexc.RedisError, OSError, RuntimeError):
-                    await sentinel.aclose()
+                    await client.aclose()
