@@ -42,7 +42,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from budget_middleware import BudgetConfig, BudgetMiddleware, RedisLedger, get_reservation, to_micros
-from budget_middleware.keys import Budget, EntityHasher
+from budget_middleware.budgets import Budget
+from budget_middleware.identity import EntityHasher
 
 TRUTH_ENV = "BUDGET_TEST_TRUTH"
 ENTITY_HEADER = "x-user"

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from budget_middleware import BudgetConfig, BudgetMiddleware, MemoryLedger, Rule
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.middleware import _ANONYMOUS, _BUDGET_CACHE
 
 

@@ -21,7 +21,7 @@ from redis import exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 import test_ledger
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import (
     HeldBudget,
     HoldRequest,

@@ -41,7 +41,7 @@ from budget_middleware import (
     get_reservation,
     telemetry,
 )
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import HoldRequest, Rejection, Reservation, Settlement, new_reservation_id
 
 # A fixed ledger clock, so RateLimit's t= is the same in both runs; near the ids' own time, so no

@@ -59,8 +59,8 @@ from budget_middleware import (
     get_reservation,
     telemetry,
 )
+from budget_middleware.budgets import Budget
 from budget_middleware.handle import charge_micros
-from budget_middleware.keys import Budget
 from budget_middleware.responses import hold_headers, rate_limit_headers
 
 # One ledger clock for both paths, so RateLimit's t= is the same; near the ids' own time, so no

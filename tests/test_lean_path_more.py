@@ -17,7 +17,8 @@ from asgi_helpers import (
     without_telemetry_sdk,
 )
 from budget_middleware import BudgetConfig, BudgetMiddleware, Finalizer, MemoryLedger, Rule
-from budget_middleware.keys import AmbiguousEntity, Budget, KeySource, header_id, header_value, plain_id
+from budget_middleware.budgets import Budget
+from budget_middleware.identity import AmbiguousEntity, KeySource, header_id, header_value, plain_id
 from budget_middleware.ledger import Rejection, new_reservation_id
 from budget_middleware.ledger._types import id_time_ms
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
+from budget_middleware.budgets import Budget
 from budget_middleware.journal import decode_settlement, encode_settlement
-from budget_middleware.keys import Budget
 from budget_middleware.ledger import (
     HeldBudget,
     HoldRequest,

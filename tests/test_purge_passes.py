@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import (
     HeldBudget,
     HoldRequest,

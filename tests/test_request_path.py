@@ -20,8 +20,9 @@ from starlette.types import Receive, Scope, Send
 import budget_middleware.middleware as middleware_module
 from asgi_helpers import RecordingSend, ScriptedReceive, http_scope, settle_all
 from budget_middleware import BudgetConfig, BudgetMiddleware, MemoryLedger, Rule, to_micros
+from budget_middleware.budgets import Budget
 from budget_middleware.handle import charge_micros
-from budget_middleware.keys import AmbiguousEntity, Budget, KeySource, _header_values, _single
+from budget_middleware.identity import AmbiguousEntity, KeySource, _header_values, _single
 from budget_middleware.ledger import HeldBudget
 from budget_middleware.responses import admitted_headers, rate_limit_headers
 from budget_middleware.telemetry import SPAN_RESERVE, spans_recorded

@@ -22,8 +22,9 @@ from typing import Any
 from starlette.types import Message, Receive, Scope, Send
 
 from .amounts import format_micros, to_micros
+from .budgets import Budget
 from .config import BudgetConfig, ConfigError, Rule
-from .keys import Budget, EntityHasher
+from .identity import EntityHasher
 from .ledger import Ledger, LedgerError, MemoryLedger
 from .middleware import BudgetMiddleware, get_reservation, make_ledger
 

@@ -17,7 +17,8 @@ from starlette.config import Config, Environ
 from starlette.requests import Request
 
 from .amounts import Amount, format_micros, to_micros
-from .keys import KeySource, validate_name
+from .budgets import validate_name
+from .identity import KeySource
 
 __all__ = [
     "BudgetConfig",

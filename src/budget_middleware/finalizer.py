@@ -30,8 +30,9 @@ from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, Link, SpanContext, Status, StatusCode
 
 from .amounts import format_micros
+from .budgets import Budget
+from .identity import EntityHasher
 from .journal import Journal
-from .keys import Budget, EntityHasher
 from .ledger import (
     HeldBudget,
     Ledger,

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .keys import Budget
+from .budgets import Budget
 from .ledger import HeldBudget, Settlement
 
 __all__ = ["Journal", "decode_settlement", "encode_settlement", "read_unapplied"]

@@ -23,12 +23,13 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .amounts import format_micros
+from .budgets import Budget
 from .config import BudgetConfig, Rule
 from .costs import EstimateError, Estimator, estimate_micros
 from .finalizer import Finalizer, Hold
 from .handle import RequestBudget, charge_micros, get_reservation
+from .identity import AmbiguousEntity, EntityHasher, KeySource, header_value, plain_id
 from .journal import Journal
-from .keys import AmbiguousEntity, Budget, EntityHasher, KeySource, header_value, plain_id
 from .ledger import (
     HeldBudget,
     HoldRequest,

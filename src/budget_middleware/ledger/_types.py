@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from ..keys import Budget
+from ..budgets import Budget
 
 __all__ = [
     "HeldBudget",

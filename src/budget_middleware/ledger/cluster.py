@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import key_slot
 
-from ..keys import Budget
+from ..budgets import Budget
 from ._types import (
     HeldBudget,
     HoldRequest,

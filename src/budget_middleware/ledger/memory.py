@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..amounts import check_micros
-from ..keys import Budget
+from ..budgets import Budget
 from ._types import (
     HeldBudget,
     HoldFacts,

@@ -24,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ..amounts import check_micros
-from ..keys import Budget, KeyLayout
+from ..budgets import Budget, KeyLayout
 from ._types import (
     HeldBudget,
     HoldRequest,
