@@ -54,7 +54,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import (
     HoldRequest,
     Ledger,

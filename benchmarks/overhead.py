@@ -96,7 +96,7 @@ from budget_middleware import (
     get_reservation,
 )
 from budget_middleware.handle import charge_micros
-from budget_middleware.keys import EntityHasher
+from budget_middleware.identity import EntityHasher
 
 BENCH_DIR = Path(__file__).resolve().parent
 HEADER = "x-user"

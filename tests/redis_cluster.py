@@ -401,7 +401,10 @@ class RedisSentinelServers(_Deployment):
         def ready() -> bool:
             for s in self.sentinels:
                 with s.client(socket_timeout=1.0) as c:
-                    state = c.sentinel_master(self.service)
+                    # Sent as a plain command: what sentinel_master() returns differs between
+                    # redis-py versions (6.4 and 7.0 fail to parse it).
+                    raw = c.execute_command("SENTINEL", "MASTER", self.service)
+                    state = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=True))
                     if state.get("is_sdown") or state.get("is_odown"):
                         return False
                     if int(state.get("num-slaves", 0)) < 1:
@@ -415,7 +418,8 @@ class RedisSentinelServers(_Deployment):
     def primary_port(self) -> int:
         """The primary's port as the first Sentinel reports it."""
         with self.sentinels[0].client(socket_timeout=1.0) as c:
-            _, port = c.sentinel_get_master_addr_by_name(self.service)
+            # A plain command, as in wait_monitoring.
+            _, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
         return int(port)
 
     def node(self, port: int) -> RedisNode:
@@ -435,7 +439,8 @@ class RedisSentinelServers(_Deployment):
             ports = set()
             for s in self.sentinels:
                 with s.client(socket_timeout=1.0) as c:
-                    _, port = c.sentinel_get_master_addr_by_name(self.service)
+                    # A plain command, as in wait_monitoring.
+                    _, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
                     ports.add(int(port))
             if len(ports) != 1 or old_port in ports:
                 return False

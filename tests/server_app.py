@@ -49,7 +49,8 @@ from budget_middleware import (
     get_reservation,
     to_micros,
 )
-from budget_middleware.keys import Budget, EntityHasher
+from budget_middleware.budgets import Budget
+from budget_middleware.identity import EntityHasher
 
 TRUTH_ENV = "BUDGET_TEST_TRUTH"
 ENTITY_HEADER = "x-user"

@@ -12,7 +12,8 @@ from starlette.types import Receive, Scope, Send
 
 from asgi_helpers import RecordingSend, ScriptedReceive, SettlementLog, http_scope, settle_all
 from budget_middleware import BudgetConfig, BudgetMiddleware, Finalizer, MemoryLedger, Rule
-from budget_middleware.keys import Budget, plain_id
+from budget_middleware.budgets import Budget
+from budget_middleware.identity import plain_id
 from budget_middleware.resolve import ANONYMOUS as _ANONYMOUS
 from budget_middleware.resolve import BUDGET_CACHE as _BUDGET_CACHE
 

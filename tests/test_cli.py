@@ -23,7 +23,8 @@ import pytest
 import redis.asyncio
 
 from budget_middleware import cli
-from budget_middleware.keys import Budget, EntityHasher
+from budget_middleware.budgets import Budget
+from budget_middleware.identity import EntityHasher
 from budget_middleware.ledger import HoldRequest, RedisLedger, Settlement, new_reservation_id
 
 SECRET = "cli-test-secret"

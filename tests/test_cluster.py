@@ -21,7 +21,7 @@ from redis import exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 import test_ledger
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import (
     HeldBudget,
     HoldRequest,
@@ -264,6 +264,25 @@ class TestAcrossSlots:
         assert [v.budget for v in rej.violations] == [b, c]
         assert [(v.limit, v.spent) for v in rej.violations] == [(2, 0), (4, 3)]
         await assert_clean(cl, [a, b])
+
+    async def test_a_rejection_reads_the_later_slots_with_one_bounded_step(
+        self, cl: RedisClusterLedger, cluster: RedisClusterServers
+    ) -> None:
+        """Failed before: the budgets of the slots after the refusing one were read with a whole
+        ``usage``, a full purge pass of each on the request path (all 3000 expired holds here)."""
+        a, b = spread(cl, 2, cluster)
+        expired = 3000
+        k = cl.layout.key(b)
+        holds = {f"h:{new_reservation_id()}": "1000:1" for _ in range(expired)}  # long expired
+        items = list(holds.items())
+        for i in range(0, expired, 1000):
+            await cl.cluster().hset(k, mapping=dict(items[i : i + 1000]))
+        await cl.cluster().hset(k, mapping={"held": expired, "epoch": "e", "ttl": -1, "pa": 1})
+        rej = await refuse(cl, hold(a, 2, 5), hold(b, 10**6, 1))  # a, the tightest, refuses first
+        assert [v.budget for v in rej.violations] == [a]
+        assert 0 < rej.purged <= 200
+        u = await usage(cl, b, 10**6)
+        assert (u.held, u.holds, rej.purged + u.purged) == (0, 0, expired)
 
     async def test_a_slot_failing_with_an_error_reply_leaves_no_hold(
         self, cl: RedisClusterLedger, cluster: RedisClusterServers

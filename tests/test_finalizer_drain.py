@@ -10,7 +10,7 @@ import anyio.lowlevel
 import pytest
 
 from budget_middleware import Finalizer, MemoryLedger, Settled, Settlement
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import (
     HeldBudget,
     HoldRequest,

@@ -18,9 +18,9 @@ import anyio
 import pytest
 
 from asgi_helpers import wait_until
+from budget_middleware.budgets import Budget
 from budget_middleware.finalizer import Finalizer
 from budget_middleware.journal import Journal, read_unapplied
-from budget_middleware.keys import Budget
 from budget_middleware.ledger import (
     HoldRequest,
     LedgerUnavailable,

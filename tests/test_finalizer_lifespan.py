@@ -17,7 +17,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from asgi_helpers import LedgerProxy, MessageQueue, RecordingSend, ScriptedReceive, http_scope
 from budget_middleware import BudgetConfig, BudgetMiddleware, Rule, to_micros
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import MemoryLedger, Settled, Settlement
 
 LIMIT = "100"

@@ -35,9 +35,9 @@ from redis.retry import Retry
 
 from asgi_helpers import wait_until
 from budget_middleware import format_micros
+from budget_middleware.budgets import Budget
 from budget_middleware.finalizer import Finalizer
 from budget_middleware.journal import Journal, encode_settlement, read_unapplied
-from budget_middleware.keys import Budget
 from budget_middleware.ledger import (
     HoldRequest,
     RedisLedger,

@@ -18,8 +18,8 @@ from starlette.types import Receive, Scope, Send
 
 from asgi_helpers import RecordingSend, ScriptedReceive, http_scope, wait_until
 from budget_middleware import BudgetConfig, BudgetMiddleware, Rule, to_micros
+from budget_middleware.budgets import Budget
 from budget_middleware.finalizer import Finalizer
-from budget_middleware.keys import Budget
 from budget_middleware.ledger import (
     HeldBudget,
     HoldRequest,

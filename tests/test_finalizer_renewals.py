@@ -15,10 +15,11 @@ import anyio
 import anyio.lowlevel
 
 from asgi_helpers import wait_until
+from budget_middleware.budgets import Budget
 from budget_middleware.finalizer import Finalizer
 from budget_middleware.finalizer._recording import Recorder
 from budget_middleware.finalizer._renewals import Renewals
-from budget_middleware.keys import Budget, EntityHasher
+from budget_middleware.identity import EntityHasher
 from budget_middleware.ledger import (
     HoldRequest,
     MemoryLedger,

@@ -24,9 +24,9 @@ from starlette.types import Message
 
 from asgi_helpers import MessageQueue, RecordingSend, ScriptedReceive, http_scope, wait_until
 from budget_middleware import BudgetConfig, BudgetMiddleware, Rule, to_micros
+from budget_middleware.budgets import Budget
 from budget_middleware.finalizer import Finalizer
 from budget_middleware.journal import Journal, read_unapplied
-from budget_middleware.keys import Budget
 from budget_middleware.ledger import (
     HoldRequest,
     LedgerUnavailable,

@@ -11,7 +11,7 @@ ledger backend (memory, fakeredis, real Redis) and checks:
   names only the expected budgets, and that a non-plain raw id never appears in a key name;
 - that the raw id never appears in a log record or a response body.
 
-Expected entity tokens are computed here independently of ``keys.py`` (HMAC-SHA256 under the
+Expected entity tokens are computed here independently of ``identity.py`` (HMAC-SHA256 under the
 test's ``BUDGET_SECRET``, first 32 hex digits), so a change in how ids are sanitised shows up.
 Configuration cases check that ``BudgetConfig.from_env`` names the variable and its bad value, and
 never prints a Redis password.
@@ -77,7 +77,7 @@ PROBLEM = "application/problem+json"
 
 
 def H(raw: str | bytes) -> str:
-    """The digest token of ``raw``, computed independently of ``keys.py``."""
+    """The digest token of ``raw``, computed independently of ``identity.py``."""
     data = raw.encode("utf-8") if isinstance(raw, str) else raw
     return "h:" + hmac.new(SECRET.encode(), data, hashlib.sha256).hexdigest()[:32]
 

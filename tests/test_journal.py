@@ -460,12 +460,12 @@ def test_the_ledger_identity_names_kind_location_and_prefix_and_never_a_password
     from budget_middleware import RedisClusterLedger, RedisLedger
     from budget_middleware.journal import ledger_identity
 
-    url = "redis://:s3cr#t/x?y@cache:6379/0"
+    url = "redis://:s3cr%23t%2Fx%3Fy@cache:6379/0"  # a password of #, / and ?, encoded
     one = ledger_identity(RedisLedger(url, prefix="a"))
     assert one == ledger_identity(RedisLedger(url, prefix="a"))
     assert one == ledger_identity(RedisLedger("redis://:other-password@cache:6379/0", prefix="a"))
     assert one != ledger_identity(RedisLedger(url, prefix="b"))
-    assert one != ledger_identity(RedisLedger("redis://:s3cr#t/x?y@cache:6379/1", prefix="a"))
+    assert one != ledger_identity(RedisLedger("redis://:s3cr%23t%2Fx%3Fy@cache:6379/1", prefix="a"))
     assert one != ledger_identity(RedisLedger("redis://cache2:6379/0", prefix="a"))
     assert one != ledger_identity(MemoryLedger())
     seeds = ledger_identity(RedisClusterLedger("redis+cluster://h1:7000,h2:7001", prefix="a"))
@@ -477,7 +477,7 @@ def test_a_finalizer_journals_under_its_ledger_identity(tmp_path: Path) -> None:
     from budget_middleware import RedisLedger
     from budget_middleware.journal import ledger_identity
 
-    ledger = RedisLedger("redis://:s3cr#t@cache:6379/0", prefix="deploy-a")
+    ledger = RedisLedger("redis://:s3cr%23t@cache:6379/0", prefix="deploy-a")
     fin = Finalizer(ledger, journal=Journal(tmp_path))
     assert fin.journal is not None
     assert fin.journal.identity == ledger_identity(ledger)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import (
     HeldBudget,
     HoldRequest,
@@ -419,13 +419,16 @@ class TestExtend:
 
 
 class TestStale:
-    async def test_old_id_whose_hold_is_gone_is_stale(self, make_ledger: Any) -> None:
-        ledger = await make_ledger(horizon_ms=1_000)
+    async def test_a_settle_older_than_the_horizon_whose_hold_is_gone_is_stale(
+        self, make_ledger: Any
+    ) -> None:
+        """Older on the ledger's clock: the reserve's time (``now_ms``) plus the horizon passed."""
+        ledger = await make_ledger(horizon_ms=300)
         b = budget()
-        rid = new_reservation_id(now_ms=int(time.time() * 1000) - 60_000)
-        r = await admit(ledger, hold(b, 100, 10), rid=rid, lease_ms=1_000)
-        # The hold is there, so the settle applies, whatever the id's age.
+        r = await admit(ledger, hold(b, 100, 10), lease_ms=300)
+        # The hold is there, so the settle applies, whatever its age.
         assert (await settle(ledger, r, 6)).outcome == "applied"
+        await eventually(lambda: usage(ledger, b), lambda u: u.now_ms > r.now_ms + 300)
         again = await settle(ledger, r, 6)
         assert again.outcome == "stale"
         assert (await usage(ledger, b)).spent == 6
@@ -437,12 +440,12 @@ class TestStale:
         await settle(ledger, r, 6)
         assert (await settle(ledger, r, 6)).outcome == "duplicate"
 
-    async def test_old_id_after_lost_state_is_stale_not_recovered(self, make_ledger: Any) -> None:
-        ledger = await make_ledger(horizon_ms=1_000)
+    async def test_an_old_settle_after_lost_state_is_stale_not_recovered(self, make_ledger: Any) -> None:
+        ledger = await make_ledger(horizon_ms=300)
         b = budget()
-        rid = new_reservation_id(now_ms=int(time.time() * 1000) - 60_000)
-        r = await admit(ledger, hold(b, 100, 10), rid=rid, lease_ms=1_000)
+        r = await admit(ledger, hold(b, 100, 10), lease_ms=300)
         ledger = await make_ledger.wipe(ledger)
+        await eventually(lambda: usage(ledger, b), lambda u: u.now_ms > r.now_ms + 300)
         assert (await settle(ledger, r, 6)).outcome == "stale"
         assert (await usage(ledger, b)).spent == 0
 

@@ -6,7 +6,7 @@ The ledger semantics themselves are proven for every backend in ``test_ledger.py
 from __future__ import annotations
 
 from budget_middleware import HoldRequest, MemoryLedger, Reservation, Settlement
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import id_time_ms, new_reservation_id
 
 BUDGET = Budget("user", "r:alice", 86_400_000)

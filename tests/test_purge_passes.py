@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import (
     HeldBudget,
     HoldRequest,
@@ -56,7 +56,7 @@ async def check(ledger: Any, b: Budget, where: str) -> dict[str, str]:
         assert pa <= now, (where, "a pass under way while pa is not due", pa, now)
     else:
         dues = [int(v.split(":")[0]) for v in holds.values()]
-        dues += [int(v) + HORIZON_MS for k, v in fields.items() if k[:2] in ("t:", "d:")]
+        dues += [int(v.split(":")[0]) + HORIZON_MS for k, v in fields.items() if k[:2] in ("t:", "d:")]
         if dues:
             assert pa <= min(dues), (where, "pa later than something due", pa, min(dues))
     return fields

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import pytest
 
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import HoldRequest, Rejection, Reservation, new_reservation_id
 
 DAY_MS = 86_400_000

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import HoldRequest, Reservation, Settlement, new_reservation_id
 
 DAY_MS = 86_400_000

@@ -7,7 +7,8 @@ Two kinds of tests:
   broke without the check;
 - the other classes pin down behaviour that matters: the flat reserve reply and the string settle
   reply, the purge pass state (``pa`` '0' while a pass is under way), the epoch made from the id of
-  the reservation that made the budget, the stale check done in Lua from the id.
+  the reservation that made the budget, the stale check done in Lua from the reserve's time (or,
+  for a settlement that does not carry it, the id's).
 
 Raw script calls go through ``RedisLedger._eval`` (EVALSHA with the ledger's own scripts), so the
 arguments reach Lua exactly as written here.
@@ -21,12 +22,13 @@ from typing import Any
 
 import pytest
 
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import (
     HeldBudget,
     HoldRequest,
     LedgerError,
     Rejection,
+    Renewed,
     Reservation,
     Settlement,
     new_reservation_id,
@@ -190,31 +192,30 @@ class TestRegressions:
         assert again.holds[0].epoch != r1.holds[0].epoch
 
     @pytest.mark.parametrize(
-        ("release", "actual"),
+        ("actual", "reserved"),
         [
-            pytest.param("-5.0", "5", id="release-5.0"),
-            pytest.param("-5 ", "5", id="release-trailing-space"),
-            pytest.param("-0x5", "5", id="release-hex"),
-            pytest.param("-5", "5.0", id="actual-5.0"),
-            pytest.param("-5", "5e0", id="actual-exponent"),
-            pytest.param("-5", " 5", id="actual-leading-space"),
-            pytest.param("-5", "1" + "0" * 25, id="actual-out-of-range"),
-            pytest.param("-1" + "0" * 25, "5", id="release-out-of-range"),
+            pytest.param("5.0", "0", id="actual-5.0"),
+            pytest.param("5e0", "0", id="actual-exponent"),
+            pytest.param(" 5", "0", id="actual-leading-space"),
+            pytest.param("1" + "0" * 25, "0", id="actual-out-of-range"),
+            pytest.param("5", "-1", id="reserved-negative"),
+            pytest.param("5", "x", id="reserved-not-a-number"),
+            pytest.param("5", "nan", id="reserved-nan"),
         ],
     )
     async def test_a_settle_with_a_non_canonical_integer_writes_nothing(
-        self, make_ledger: Any, release: str, actual: str
+        self, make_ledger: Any, actual: str, reserved: str
     ) -> None:
-        """The amount and actual cost go to HINCRBY as the caller wrote them, and HINCRBY takes only
-        integers as Redis writes them, while Lua reads '5.0', '5e0', ' 5' and '0x5' as 5. Were
-        such a value found only by the HINCRBY, after the HDEL of the hold, ``held`` would keep
-        the amount for good (a leaked reservation) or the spend would never be added.
+        """The actual cost goes to HINCRBY as the caller wrote it, and HINCRBY takes only integers
+        as Redis writes them, while Lua reads '5.0', '5e0' and ' 5' as 5. Were such a value found
+        only by the HINCRBY, after the HDEL of the hold, the spend would never be added. The
+        reserve's time must be a number too.
         """
         ledger = await make_ledger()
         a = budget("r:a")
         r = await admit(ledger, a, 5)
         hb = r.holds[0]
-        args = ["h:" + r.id, actual, ledger.horizon_ms, release, f"s:{hb.window}", hb.epoch, DAY_MS]
+        args = ["h:" + r.id, actual, ledger.horizon_ms, f"s:{hb.window}", hb.epoch, DAY_MS, reserved]
         try:
             await ledger._eval("settle", [key(ledger, a)], args)
         except LedgerError:
@@ -236,7 +237,7 @@ class TestRegressions:
         a = budget("r:a")
         r = await admit(ledger, a, 5)
         hb = r.holds[0]
-        args = ["h:" + r.id, 5, ledger.horizon_ms, -5, spent_field, hb.epoch, DAY_MS]
+        args = ["h:" + r.id, 5, ledger.horizon_ms, spent_field, hb.epoch, DAY_MS, 0]
         with pytest.raises(LedgerError):
             await ledger._eval("settle", [key(ledger, a)], args)
         assert "h:" + r.id in await fields(ledger, a)
@@ -260,7 +261,7 @@ class TestRegressions:
             await ledger._eval(
                 "settle",
                 [key(ledger, a)],
-                [field, 5, ledger.horizon_ms, -5, f"s:{hb.window}", hb.epoch, DAY_MS],
+                [field, 5, ledger.horizon_ms, f"s:{hb.window}", hb.epoch, DAY_MS, 0],
             )
         assert await fields(ledger, a) == before
 
@@ -281,14 +282,14 @@ class TestRegressions:
             "h:" + r.id,
             5,
             "",
-            -5,
             f"s:{ha.window}",
             ha.epoch,
             DAY_MS,
-            -5,
+            ha.reserved_ms,
             f"s:{hl.window}",
             hl.epoch,
             DAY_MS,
+            hl.reserved_ms,
         ]
         with pytest.raises(LedgerError):
             await ledger._eval("settle", [key(ledger, a), key(ledger, lost)], args)
@@ -456,10 +457,10 @@ class TestReplyShapes:
             "h:" + r.id,
             3,
             ledger.horizon_ms,
-            -5,
             f"s:{r.holds[0].window}",
             r.holds[0].epoch,
             DAY_MS,
+            r.now_ms,
         ]
         assert await ledger._eval(*call) == "applied"
         both = ledger._settle_call(Settlement(r.id, r.holds, 3, "completed"))
@@ -475,7 +476,7 @@ class TestReplyShapes:
         r = await admit(ledger, a, 5)
         blind = HeldBudget(a, 5, -1, "", LIMIT, 0, None)
         call = ledger._settle_call(Settlement(r.id, (blind,), 0, "release-unavailable"))
-        assert call[2][3:] == [-5, "", "", DAY_MS]
+        assert call[2][3:] == ["", "", DAY_MS, 0]
         assert (await ledger.settle(Settlement(r.id, (blind,), 0, "release"))).outcomes == ("applied",)
         assert (await ledger.settle(Settlement(r.id, (blind,), 0, "release"))).outcomes == ("duplicate",)
         assert int((await fields(ledger, a))["held"]) == 0
@@ -500,14 +501,14 @@ class TestSettlePaths:
             "h:" + r.id,
             3,
             ledger.horizon_ms,
-            -5,
             f"s:{hb.window}",
             hb.epoch,
             DAY_MS,
-            -5,
+            hb.reserved_ms,
             "",
             "",
             DAY_MS,
+            0,
         ]
         with pytest.raises(LedgerError):
             await ledger._eval("settle", keys, args)
@@ -530,6 +531,36 @@ class TestSettlePaths:
         assert (await ledger.settle(Settlement(r1.id, (blind,), 0, "release"))).outcomes == ("late",)
         assert (await ledger.settle(settlement(r1, 6))).outcomes == ("duplicate",)
         assert await spent_now(ledger, a) == 4
+
+    async def test_a_tombstone_keeps_the_amount_of_its_hold(self, make_ledger: Any) -> None:
+        """``t:<id>`` is '<purge time>:<amount>': a renewal holds it again with that amount."""
+        ledger = await make_ledger()
+        a = budget("r:a")
+        r = await expired_hold(ledger, a, 5)
+        purger = await admit(ledger, a, 0)
+        assert purger.expired_ids == (r.id,)
+        assert (await fields(ledger, a))["t:" + r.id] == f"{purger.now_ms}:5"
+
+    async def test_a_tombstone_of_an_older_version_is_left_for_its_settle(
+        self, make_ledger: Any
+    ) -> None:
+        """A tombstone written before tombstones carried their amount ('<purge time>') cannot be
+        held again: the renewal counts it missing and leaves it, so the settle still finds it late;
+        and the purge still sweeps it after the horizon."""
+        ledger = await make_ledger(horizon_ms=60_000)
+        a = budget("r:a")
+        r = await admit(ledger, a, 5)
+        now = await server_ms(ledger)
+        await ledger.client().hdel(key(ledger, a), "h:" + r.id)
+        await ledger.client().hincrby(key(ledger, a), "held", -5)
+        await ledger.client().hset(key(ledger, a), "t:" + r.id, str(now))
+        assert await ledger.extend([r], LONG_LEASE_MS) == Renewed(missing=1)
+        assert int((await fields(ledger, a))["held"]) == 0
+        assert (await ledger.settle(settlement(r, 4))).outcomes == ("late",)
+        assert await spent_now(ledger, a) == 4
+        await ledger.client().hset(key(ledger, a), mapping={"t:old": str(now - 61_000), "pa": "1"})
+        await ledger.usage(a, LIMIT)
+        assert "t:old" not in await fields(ledger, a)
 
     async def test_recovered_after_a_flush_then_duplicate(self, make_ledger: Any) -> None:
         ledger = await make_ledger()
@@ -656,7 +687,7 @@ class TestPassState:
         # The next pass is due no later than the first thing left to sweep.
         assert int(f["pa"]) <= min(
             [int(v.split(":")[0]) for k, v in f.items() if k.startswith("h:")]
-            + [int(v) + ledger.horizon_ms for k, v in f.items() if k.startswith("t:")]
+            + [int(v.split(":")[0]) + ledger.horizon_ms for k, v in f.items() if k.startswith("t:")]
         )
 
     async def test_a_renewal_during_a_pass_reholds_and_moves_pm(self, listpack_entries: Any) -> None:
@@ -713,9 +744,10 @@ class TestPassState:
 
     async def test_a_clock_behind_pa_leaves_the_pass_alone(self, make_ledger: Any) -> None:
         """With ``pa`` in the future (the clock stepped back, or nothing due), a reserve reads no
-        pass state and writes none."""
+        pass state and writes none. (A lifetime budget: a daily one's first reserve of a window
+        within a lease of midnight brings ``pa`` forward to the window's end.)"""
         ledger = await make_ledger()
-        a = budget("r:a")
+        a = budget("r:a", period_ms=0)
         await admit(ledger, a, 1)
         pa = await server_ms(ledger) + LONG_LEASE_MS // 2  # before the next hold's expiry
         await ledger.client().hset(key(ledger, a), mapping={"pa": str(pa)})
@@ -730,6 +762,90 @@ class TestPassState:
 # =================================================================================================
 # Epoch
 # =================================================================================================
+
+
+async def big_budget(ledger: Any, b: Budget, expired: int, live: int) -> int:
+    """Write ``b``'s hash by hand: ``expired`` holds whose lease has passed and ``live`` holds with
+    a long one, 1 micro-unit each, and a purge pass due. Returns the server's time."""
+    now = await server_ms(ledger)
+    k = key(ledger, b)
+    holds = {f"h:{new_reservation_id()}": f"{now - 1000}:1" for _ in range(expired)}
+    holds |= {f"h:{new_reservation_id()}": f"{now + DAY_MS}:1" for _ in range(live)}
+    items = list(holds.items())
+    async with ledger.client().pipeline(transaction=False) as pipe:
+        for i in range(0, len(items), 1000):
+            pipe.hset(k, mapping=dict(items[i : i + 1000]))
+        pipe.hset(
+            k,
+            mapping={"held": expired + live, "epoch": "e", "ttl": now + 2 * DAY_MS, "pa": 1},
+        )
+        pipe.pexpireat(k, now + 2 * DAY_MS)
+        await pipe.execute()
+    return now
+
+
+class TestUsageIsBounded:
+    """usage.lua does a bounded batch per call (it ran a whole purge pass, 437 ms of Redis time on
+    a budget of 200k fields); ``usage`` makes as many calls as the budget needs."""
+
+    EXPIRED, LIVE = 6000, 4000
+    # HSCAN's COUNT is a hint: a step may see a few more fields than the batch (64, or 256 for the
+    # count), never thousands.
+    STEP_BOUND = 200
+    COUNT_BOUND = 600
+
+    async def test_one_call_purges_one_batch(self, make_ledger: Any) -> None:
+        """Failed before: the one call purged all 6000 expired holds."""
+        ledger = await make_ledger()
+        a = budget("r:big")
+        await big_budget(ledger, a, self.EXPIRED, self.LIVE)
+        reply = await ledger._eval("usage", [key(ledger, a)], [DAY_MS, LIMIT, DAY_MS, ""])
+        assert len(reply) == 9
+        _, _, _, _, held, purged, under_way, live, cursor = reply
+        assert 0 < purged <= self.STEP_BOUND
+        assert held == self.EXPIRED + self.LIVE - purged
+        assert (under_way, live, cursor) == (1, 0, "")
+        f = await fields(ledger, a)
+        assert (f["pa"], int(f["held"])) == ("0", held)
+
+    async def test_one_call_counts_one_batch(self, make_ledger: Any) -> None:
+        ledger = await make_ledger()
+        a = budget("r:big")
+        await big_budget(ledger, a, 0, self.LIVE)
+        reply = await ledger._eval("usage", [key(ledger, a)], [DAY_MS, LIMIT, DAY_MS, "0"])
+        *_, live, cursor = reply
+        assert 0 < live <= self.COUNT_BOUND
+        assert cursor != "0"
+
+    async def test_usage_sums_bounded_calls(self, make_ledger: Any) -> None:
+        ledger = await make_ledger()
+        a = budget("r:big")
+        stamp = await big_budget(ledger, a, self.EXPIRED, self.LIVE)
+        replies: list[Any] = []
+        script_call = ledger._eval
+
+        async def recorded(name: str, keys: list[str], args: list[Any]) -> Any:
+            reply = await script_call(name, keys, args)
+            replies.append(reply)
+            return reply
+
+        ledger._eval = recorded
+        u = await ledger.usage(a, LIMIT)
+        assert (u.held, u.holds, u.purged) == (self.LIVE, self.LIVE, self.EXPIRED)
+        assert len(replies) > self.EXPIRED // self.STEP_BOUND
+        assert max(r[5] for r in replies) <= self.STEP_BOUND
+        assert max(r[7] for r in replies) <= self.COUNT_BOUND
+        f = await fields(ledger, a)
+        assert f["pa"] != "0", "usage runs the pass under way to its end"
+        assert not [k for k, v in f.items() if k.startswith("h:") and v == f"{stamp - 1000}:1"]
+
+    @pytest.mark.parametrize(
+        "cursor", [pytest.param("x", id="not-a-cursor"), pytest.param("-1", id="negative")]
+    )
+    async def test_a_bad_cursor_is_refused(self, make_ledger: Any, cursor: str) -> None:
+        ledger = await make_ledger()
+        with pytest.raises(LedgerError, match="usage: bad arguments"):
+            await ledger._eval("usage", [key(ledger, budget())], [DAY_MS, LIMIT, DAY_MS, cursor])
 
 
 class TestEpoch:

@@ -54,7 +54,7 @@ from budget_middleware import (
     get_reservation,
     telemetry,
 )
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 
 # A fixed ledger clock, so that RateLimit's t= is known; near the ids' own time, so no settle is
 # refused as stale.

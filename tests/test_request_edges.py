@@ -21,7 +21,7 @@ from asgi_helpers import (
 )
 from budget_middleware import BudgetConfig, BudgetMiddleware, Finalizer, MemoryLedger, Rule
 from budget_middleware import middleware as middleware_module
-from budget_middleware.keys import Budget
+from budget_middleware.budgets import Budget
 from budget_middleware.ledger import LedgerNotSent, LedgerUnavailable
 
 pytestmark = pytest.mark.memory

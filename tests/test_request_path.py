@@ -23,10 +23,10 @@ import budget_middleware.reserving as reserving_module
 import budget_middleware.responses as responses_module
 from asgi_helpers import RecordingSend, ScriptedReceive, http_scope, settle_all
 from budget_middleware import BudgetConfig, BudgetMiddleware, MemoryLedger, Rule, to_micros
+from budget_middleware.budgets import Budget
 from budget_middleware.handle import charge_micros
-from budget_middleware.keys import (
+from budget_middleware.identity import (
     AmbiguousEntity,
-    Budget,
     KeySource,
     _header_values,
     _single,

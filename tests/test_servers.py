@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from budget_middleware import RedisLedger, Usage, to_micros
-from budget_middleware.keys import Budget, EntityHasher
+from budget_middleware.budgets import Budget
+from budget_middleware.identity import EntityHasher
 from redis_server import RedisServer
 from servers import SERVER_KINDS, START_TIMEOUT_S, ServerProcess, expected_spent, read_truth
 

@@ -7,10 +7,10 @@ the work ends, on every exit path; never leak a hold.
 from __future__ import annotations
 
 from .amounts import format_micros, to_micros
+from .budgets import Budget
 from .config import BudgetConfig, ConfigError, Rule, parse_duration
 from .costs import Estimator
 from .finalizer import Finalizer
-from .keys import Budget
 from .ledger import (
     HoldRequest,
     Ledger,

@@ -31,9 +31,10 @@ from typing import NoReturn, TypeVar
 from urllib.parse import parse_qsl
 
 from .amounts import to_micros
+from .budgets import Budget
 from .cli_format import check_facts, check_lines, money, usage_facts, usage_lines
 from .config import BudgetConfig, ConfigError, Rule
-from .keys import Budget, EntityHasher
+from .identity import EntityHasher
 from .ledger import Ledger, LedgerError, Usage, redact_url
 from .middleware import make_ledger
 from .setup_checks import setup_warnings

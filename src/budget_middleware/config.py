@@ -17,7 +17,8 @@ from starlette.config import Config, Environ
 from starlette.requests import Request
 
 from .amounts import Amount, format_micros, to_micros
-from .keys import KeySource, validate_name
+from .budgets import validate_name
+from .identity import KeySource
 
 __all__ = [
     "BudgetConfig",
@@ -202,7 +203,7 @@ class BudgetConfig:
 
     def describe(self) -> str:
         """A one-line summary for start-up logs; never contains secrets."""
-        from .ledger.redis import redact_url
+        from .ledger.urls import redact_url
 
         store = redact_url(self.redis_url) if self.redis_url else "memory"
         rules = ", ".join(
@@ -309,13 +310,13 @@ def _from_config(env: Config) -> BudgetConfig:
         raise ConfigError(f"BUDGET_RULES: duplicate rule names: {', '.join(dupes)}")
 
     redis_url = raw("BUDGET_REDIS_URL")
-    if redis_url is not None and not redis_url.startswith(REDIS_SCHEMES):
-        from .ledger.redis import redact_url
+    if redis_url is not None:
+        from .ledger.urls import check_redis_url, redact_url
 
-        raise ConfigError(
-            f"BUDGET_REDIS_URL={redact_url(redis_url)!r}: use a redis://, rediss://, unix://, "
-            "redis+cluster:// or redis+sentinel:// URL"
-        )
+        try:
+            check_redis_url(redis_url)
+        except ValueError as exc:
+            raise ConfigError(f"BUDGET_REDIS_URL={redact_url(redis_url)!r}: {exc}") from None
     prefix = raw("BUDGET_PREFIX")
     if prefix is not None:
         parse("BUDGET_PREFIX", lambda v: validate_name(v, "key prefix"))

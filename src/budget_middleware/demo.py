@@ -13,8 +13,9 @@ from typing import Any
 from starlette.types import Message, Receive, Scope, Send
 
 from .amounts import format_micros, to_micros
+from .budgets import Budget
 from .config import BudgetConfig, Rule
-from .keys import Budget, EntityHasher
+from .identity import EntityHasher
 from .ledger import MemoryLedger
 from .middleware import BudgetMiddleware, get_reservation
 

@@ -22,8 +22,8 @@ from .config import BudgetConfig, ConfigError
 from .costs import EstimateError, Estimator, estimate_micros
 from .finalizer import Finalizer
 from .handle import RequestBudget, get_reservation
+from .identity import AmbiguousEntity, EntityHasher
 from .journal import Journal
-from .keys import AmbiguousEntity, EntityHasher
 from .ledger import (
     HoldRequest,
     Ledger,

@@ -15,7 +15,7 @@ from opentelemetry.trace import INVALID_SPAN_CONTEXT, Status, StatusCode
 
 from .config import BudgetConfig
 from .finalizer import Finalizer
-from .keys import EntityHasher
+from .identity import EntityHasher
 from .ledger import (
     HeldBudget,
     HoldRequest,

@@ -16,8 +16,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope
 
+from .budgets import Budget
 from .config import Rule
-from .keys import Budget, EntityHasher, header_value, plain_id
+from .identity import EntityHasher, header_value, plain_id
 
 __all__ = ["ANONYMOUS", "Identify", "MissingEntity", "Resolver", "recording_request", "replaying"]
 

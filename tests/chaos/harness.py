@@ -56,8 +56,9 @@ from pathlib import Path
 from typing import Any
 
 from budget_middleware import RedisLedger, format_micros, to_micros
+from budget_middleware.budgets import Budget, KeyLayout
+from budget_middleware.identity import EntityHasher
 from budget_middleware.journal import read_unapplied
-from budget_middleware.keys import Budget, EntityHasher, KeyLayout
 from budget_middleware.ledger import id_time_ms
 from servers import ServerProcess, expected_spent, read_truth
 

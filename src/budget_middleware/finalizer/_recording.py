@@ -18,7 +18,7 @@ from opentelemetry.trace import INVALID_SPAN_CONTEXT, Link, Span, SpanContext, S
 
 from .. import telemetry
 from ..amounts import format_micros
-from ..keys import EntityHasher
+from ..identity import EntityHasher
 from ..ledger import Renewed, Settled, Settlement
 from ..telemetry import ATTR, EVENT_OVERRUN, SPAN_RENEW, SPAN_SETTLE, instruments, metrics_recorded
 from ._counters import Counters

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import TaskStatus
 
+from ..identity import EntityHasher
 from ..journal import Journal, ledger_identity
-from ..keys import EntityHasher
 from ..ledger import Ledger, Reservation, Settled, Settlement
 from ..ledger._types import SyncLedger
 from ._counters import Counters

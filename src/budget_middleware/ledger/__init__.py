@@ -24,18 +24,19 @@ from ._types import (
 )
 from .cluster import RedisClusterLedger
 from .memory import MemoryLedger
-from .redis import RedisLedger, redact_url
+from .redis import RedisLedger
 from .sentinel import RedisSentinelLedger
+from .urls import CLUSTER_SCHEME, SENTINEL_SCHEME, redact_url, scheme_of
 
 
 def redis_ledger_from_url(url: str, **options: Any) -> RedisLedger:
     """The Redis ledger for a ``BUDGET_REDIS_URL``: standalone (``redis://``, ``rediss://``,
     ``unix://``), ``redis+cluster://host:port[,host:port...]`` (``RedisClusterLedger``) or
     ``redis+sentinel://host:port[,host:port...]/<service>`` (``RedisSentinelLedger``)."""
-    scheme = url.partition("://")[0].lower()
-    if scheme == "redis+cluster":
+    scheme = scheme_of(url)
+    if scheme == CLUSTER_SCHEME:
         return RedisClusterLedger(url, **options)
-    if scheme == "redis+sentinel":
+    if scheme == SENTINEL_SCHEME:
         return RedisSentinelLedger(url, **options)
     return RedisLedger(url, **options)
 

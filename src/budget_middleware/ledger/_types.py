@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from ..keys import Budget
+from ..budgets import Budget
 
 __all__ = [
     "HeldBudget",
@@ -108,7 +108,14 @@ class HoldRequest:
 
 @dataclass(slots=True)
 class HeldBudget:
-    """A hold that was taken: what a settlement needs to find it again, even after it expired."""
+    """A hold that was taken: what a settlement needs to find it again, even after it expired.
+
+    ``reserved_ms`` is the ledger's time when the hold was taken, so the ledger alone decides
+    whether a settle is older than its tombstone horizon (0 when unknown: a settlement made before
+    the field existed, or the release of a reserve whose reply never came; the reservation id's
+    creation time then stands in). ``amount`` is what was asked for: the ledger releases and renews
+    the amount it stored with the hold, never this one.
+    """
 
     budget: Budget
     amount: int
@@ -117,6 +124,7 @@ class HeldBudget:
     limit: int
     remaining: int
     reset_ms: int | None
+    reserved_ms: int = 0
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..amounts import check_micros
-from ..keys import Budget
+from ..budgets import Budget
 from ._memory_state import HEAP_SLACK, BudgetState, compact, purge_expired, tidy_windows
 from ._types import (
     HeldBudget,
@@ -188,6 +188,7 @@ class MemoryLedger:
                     limit,
                     limit - spent - st.held,
                     b.reset_ms(window),
+                    now,
                 )
             )
         return Reservation(
@@ -233,7 +234,7 @@ class MemoryLedger:
             st.holds[reservation_id] = (expiry, amount)
             heapq.heappush(heap, (expiry, reservation_id))
             st.held += amount
-        held = HeldBudget(b, amount, window, st.epoch, limit, limit - spent - st.held, reset_ms)
+        held = HeldBudget(b, amount, window, st.epoch, limit, limit - spent - st.held, reset_ms, now)
         return Reservation(reservation_id, (held,), lease_ms, now, purged, expired_ids, replay)
 
     def _settle_one(self, s: Settlement, now: int | None = None) -> Settled:
@@ -242,27 +243,22 @@ class MemoryLedger:
         holds = s.holds
         if len(holds) == 1:
             hb = holds[0]
-            return Settled(rid, (self._settle_hold(rid, hb.budget, hb.window, hb.epoch, actual, now),))
+            return Settled(rid, (self._settle_hold(rid, hb, actual, now),))
         if actual < 0 or (actual and any(hb.window < 0 for hb in holds)):
             raise ValueError("a settle needs actual >= 0, and a release (window -1) actual 0")
         if now is None:
             now = self._clock()
         return Settled(
             rid,
-            tuple(self._settle_hold(rid, hb.budget, hb.window, hb.epoch, actual, now) for hb in holds),
+            tuple(self._settle_hold(rid, hb, actual, now) for hb in holds),
         )
 
     def _settle_hold(
-        self,
-        reservation_id: str,
-        budget: Budget,
-        window: int,
-        epoch: str,
-        actual: int,
-        now: int | None = None,
+        self, reservation_id: str, hb: HeldBudget, actual: int, now: int | None = None
     ) -> SettleOutcome:
         """Settle one hold: remove it (or its tombstone) and add ``actual`` to spent. A settle of
         several holds is this for each, at one ``now``. Returns the hold's outcome."""
+        budget, window, epoch = hb.budget, hb.window, hb.epoch
         if actual < 0 or (actual and window < 0):
             raise ValueError("a settle needs actual >= 0, and a release (window -1) actual 0")
         if now is None:
@@ -289,10 +285,10 @@ class MemoryLedger:
         elif window < 0:
             return "duplicate"  # the release of a reserve that never landed: nothing held
         elif st.epoch == epoch:
-            return "stale" if self._old(rid, now) else "duplicate"
+            return "stale" if self._old(rid, hb.reserved_ms, now) else "duplicate"
         elif rid in st.done:
             return "duplicate"
-        elif self._old(rid, now):
+        elif self._old(rid, hb.reserved_ms, now):
             return "stale"
         else:
             outcome = "recovered"
@@ -310,8 +306,10 @@ class MemoryLedger:
                 spent[window] = before + actual
         return outcome
 
-    def _old(self, reservation_id: str, now: int) -> bool:
-        return id_time_ms(reservation_id) < now - self.horizon_ms
+    def _old(self, reservation_id: str, reserved_ms: int, now: int) -> bool:
+        """Whether a settle is older than the tombstone horizon, on the ledger's clock: the time
+        the reserve read from it, or (unknown: an old journal line, a release) the id's."""
+        return (reserved_ms or id_time_ms(reservation_id)) < now - self.horizon_ms
 
     def settle_now(self, settlement: Settlement) -> Settled:
         """Settle synchronously: the memory ledger cannot fail or block, so the finalizer applies
@@ -320,7 +318,7 @@ class MemoryLedger:
         if len(holds) == 1:  # most requests have one rule
             hb = holds[0]
             rid = settlement.reservation_id
-            outcome = self._settle_hold(rid, hb.budget, hb.window, hb.epoch, settlement.actual)
+            outcome = self._settle_hold(rid, hb, settlement.actual)
             return Settled(rid, (outcome,))
         return self._settle_one(settlement)
 
@@ -329,9 +327,7 @@ class MemoryLedger:
         if len(holds) == 1:  # _settle_one of one hold, one call shorter
             hb = holds[0]
             rid = settlement.reservation_id
-            return Settled(
-                rid, (self._settle_hold(rid, hb.budget, hb.window, hb.epoch, settlement.actual),)
-            )
+            return Settled(rid, (self._settle_hold(rid, hb, settlement.actual),))
         return self._settle_one(settlement)
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> list[Settled]:

@@ -14,9 +14,9 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
@@ -24,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ..amounts import check_micros
-from ..keys import Budget, KeyLayout
+from ..budgets import Budget, KeyLayout
 from ._types import (
     HeldBudget,
     HoldRequest,
@@ -39,34 +39,14 @@ from ._types import (
     Violation,
     check_lease,
 )
+from .urls import check_redis_url, redact_url
 
-__all__ = ["RedisLedger", "redact_url"]
+__all__ = ["RedisLedger"]
 
 logger = logging.getLogger("budget_middleware")
 
 DAY_MS = 86_400_000
 _OUTCOMES: frozenset[str] = frozenset({"applied", "late", "recovered", "duplicate", "stale"})
-
-
-_SECRET_PARAMS = ("password", "user", "token", "secret", "auth", "key")
-
-
-def redact_url(url: str) -> str:
-    """A Redis URL fit for a log line: credentials in the authority and a ``password`` (or
-    ``username``) query parameter replaced by ``***``."""
-    parts = urlsplit(url)
-    if not parts.netloc and "@" in url:  # no scheme: "user:password@host:port"
-        return "***@" + url.rpartition("@")[2]
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = "&".join(
-            f"{k}=***" if any(w in k.lower() for w in _SECRET_PARAMS) else f"{k}={v}" for k, v in pairs
-        )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class _Script:
@@ -141,8 +121,18 @@ def _common_reserve_result(
         violation = Violation(budget, limit, spent, held, h.amount, budget.reset_ms(window), now)
         return Rejection(reservation_id, (violation,), 0, ())
     remaining = limit - spent - held - h.amount
-    hold = HeldBudget(budget, h.amount, window, epoch, limit, remaining, budget.reset_ms(window))
+    hold = HeldBudget(budget, h.amount, window, epoch, limit, remaining, budget.reset_ms(window), now)
     return Reservation(reservation_id, (hold,), lease_ms, now, 0, (), False)
+
+
+@dataclass(slots=True)
+class _UsageStep:
+    """One call of usage.lua: the budget's state (``holds`` the live holds of this call's batch),
+    whether a purge pass is still under way, and the count's next cursor ('' for no count)."""
+
+    usage: Usage
+    under_way: bool
+    cursor: str
 
 
 def _wrap(exc: BaseException) -> LedgerError:
@@ -175,6 +165,8 @@ class RedisLedger:
     ) -> None:
         if url is None and client is None:
             raise ValueError("RedisLedger needs a url or a client")
+        if url is not None:
+            check_redis_url(url)
         self.url = url
         self.layout = KeyLayout(prefix)
         self.horizon_ms = horizon_ms
@@ -403,6 +395,7 @@ class RedisLedger:
                 int(limit),
                 int(remaining),
                 h.budget.reset_ms(window),
+                now,
             )
             for h, (epoch, limit, remaining) in zip(holds, rows, strict=True)
         )
@@ -469,7 +462,7 @@ class RedisLedger:
         for hb in s.holds:
             keys.append(self._key(hb.budget))
             spent_field = f"s:{hb.window}" if hb.window >= 0 else ""
-            args += [-hb.amount, spent_field, hb.epoch, hb.budget.period_ms]
+            args += [spent_field, hb.epoch, hb.budget.period_ms, hb.reserved_ms]
         return "settle", keys, args
 
     @staticmethod
@@ -502,13 +495,9 @@ class RedisLedger:
         check_lease(lease_ms, self.horizon_ms)
         calls: list[tuple[str, list[str], list[Any]]] = []
         for r in reservations:
-            keys: list[str] = []
-            args: list[Any] = [r.id, lease_ms, self.horizon_ms]
-            for hb in r.holds:
-                keys.append(self._key(hb.budget))
-                args.append(hb.amount)
+            keys = [self._key(hb.budget) for hb in r.holds]
             if keys:
-                calls.append(("extend", keys, args))
+                calls.append(("extend", keys, [r.id, lease_ms, self.horizon_ms]))
         renewed = reheld = missing = 0
         for reply in await self._eval_many(calls):
             if isinstance(reply, BaseException):
@@ -518,21 +507,50 @@ class RedisLedger:
             missing += int(reply[2])
         return Renewed(renewed, reheld, missing)
 
-    async def usage(self, budget: Budget, limit: int) -> Usage:
-        args = [budget.period_ms, limit, self.horizon_ms]
+    async def _usage_step(self, budget: Budget, limit: int, count_from: str) -> _UsageStep:
+        """One call of usage.lua: a step of the purge pass when one is due, then (unless
+        ``count_from`` is '') one batch of the count of live holds from that HSCAN cursor."""
+        args = [budget.period_ms, limit, self.horizon_ms, count_from]
         reply = await self._eval("usage", [self._key(budget)], args)
-        now, window, eff_limit, spent, held, count, purged, _ids = reply
-        return Usage(
-            budget,
-            int(eff_limit),
-            int(spent),
-            int(held),
-            int(count),
-            int(window),
-            budget.reset_ms(int(window)),
-            int(now),
-            int(purged),
-        )
+        try:
+            now, window, eff_limit, spent, held, purged, under_way, live, cursor = reply
+            window = int(window)
+            usage = Usage(
+                budget,
+                int(eff_limit),
+                int(spent),
+                int(held),
+                int(live),
+                window,
+                budget.reset_ms(window),
+                int(now),
+                int(purged),
+            )
+        except (TypeError, ValueError):
+            raise LedgerError(f"unexpected usage reply {reply!r}") from None
+        return _UsageStep(usage, bool(int(under_way)), str(cursor))
+
+    async def usage(self, budget: Budget, limit: int) -> Usage:
+        """The budget's state after the purge pass under way (or due) has run to its end, with its
+        live holds counted; every script call does a bounded batch of that work, so a budget of
+        many holds costs many short calls, never one long one. Read while other requests run,
+        the count is of holds seen by a scan, not a snapshot."""
+        step = await self._usage_step(budget, limit, "")
+        purged = step.usage.purged
+        while step.under_way:
+            step = await self._usage_step(budget, limit, "")
+            purged += step.usage.purged
+        live, cursor = 0, "0"
+        while True:
+            step = await self._usage_step(budget, limit, cursor)
+            purged += step.usage.purged
+            live += step.usage.holds
+            cursor = step.cursor
+            if cursor == "0":
+                break
+        step.usage.holds = live
+        step.usage.purged = purged
+        return step.usage
 
     async def set_limit(self, budget: Budget, limit: int | None) -> None:
         if limit is not None:

@@ -17,15 +17,10 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
-from .cluster import parse_multi_host_url
-from .redis import RedisLedger, redact_url
+from .redis import RedisLedger
+from .urls import parse_sentinel_url, redact_url
 
 __all__ = ["RedisSentinelLedger"]
-
-# No secret may go in a parameter that ``redact_url`` does not mask (it masks ``password`` and
-# ``username``): the Sentinels' own credentials are the ``sentinel_auth`` flag (reuse the primary's)
-# or constructor arguments.
-_SENTINEL_PARAMS = frozenset({"db", "username", "password", "ssl", "sentinel_auth"})
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -55,18 +50,11 @@ class RedisSentinelLedger(RedisLedger):
         sentinel_password: str | None = None,
         **options: Any,
     ) -> None:
-        parsed = parse_multi_host_url(
-            url, "redis+sentinel", default_port=26379, allowed=_SENTINEL_PARAMS
-        )
-        service, _, rest = parsed.path.strip("/").partition("/")
-        if not service or rest:
-            raise ValueError("redis+sentinel:// URL: name the service as the path: .../<service>")
-        db_text = parsed.query.get("db", "0")
-        if not db_text.isdigit():
-            raise ValueError(f"redis+sentinel:// URL: db must be a number, got {db_text!r}")
-        self.service = service
+        sentinel_url = parse_sentinel_url(url)
+        parsed = sentinel_url.nodes
+        self.service = sentinel_url.service
         self._sentinels = parsed.hosts
-        self._db = int(db_text)
+        self._db = sentinel_url.db
         self._options = parsed.connection_options()
         self._sentinel_options: dict[str, Any] = {}
         if parsed.flag("sentinel_auth"):
@@ -88,7 +76,7 @@ class RedisSentinelLedger(RedisLedger):
             "socket_timeout": self._socket_timeout,
             "socket_connect_timeout": self._socket_timeout,
         }
-        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(self._sentinels),
             # No retries against one Sentinel (redis-py's default client retries ten times with
             # backoff, seconds per Sentinel that is down): asking the next Sentinel is the retry.
@@ -124,6 +112,7 @@ class RedisSentinelLedger(RedisLedger):
         try:
             await super().aclose()
         finally:
-            if sentinel is not None:
+            # Each Sentinel's client, one by one (``Sentinel.aclose`` came with redis-py 7).
+            for client in sentinel.sentinels if sentinel is not None else ():
                 with contextlib.suppress(rexc.RedisError, OSError, RuntimeError):
-                    await sentinel.aclose()
+                    await client.aclose()

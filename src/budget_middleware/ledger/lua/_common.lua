@@ -18,7 +18,7 @@
 --               (read only when `pa` is 0, so a reserve's HMGET stays short)
 --   s:<window>  integer micro-units spent in the window that starts at <window> (ms)
 --   h:<id>      a live hold: "<lease expiry ms>:<amount>"
---   t:<id>      the tombstone of an expired hold: when it was purged (ms)
+--   t:<id>      the tombstone of an expired hold: "<when it was purged ms>:<amount>"
 --   d:<id>      a settle applied as recovered: when (ms)
 -- One key and few fields keep the common paths short: a reserve is TIME, HMGET and HSET, a settle
 -- HDEL and two HINCRBYs. Holds, tombstones and old windows are swept by purge passes that scan the

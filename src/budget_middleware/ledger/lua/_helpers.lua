@@ -20,16 +20,15 @@ local function window_of(now, period)
 end
 
 -- One step of a purge pass over the hash at `key`, from HSCAN `cursor`: expired holds become
--- tombstones (their ids appended to `ids`, their field/value pairs to `writes` for the caller's
+-- tombstones (their purge time and amount) (their ids appended to `ids`, their field/value pairs to `writes` for the caller's
 -- HSET), tombstones and done records older than the horizon and windows that ended a period ago are
--- deleted. `due` carries the earliest time anything seen will be due. `seen`, when given, makes
--- the step count each live hold once across steps (HSCAN may return an element twice).
--- Returns moved, released amount, next cursor ('0': the pass is complete), due, live holds seen.
-local function purge_step(key, cursor, due, now, horizon, period, ids, writes, seen)
+-- deleted. `due` carries the earliest time anything seen will be due.
+-- Returns moved, released amount, next cursor ('0': the pass is complete), due.
+local function purge_step(key, cursor, due, now, horizon, period, ids, writes)
   local scan = redis.call('HSCAN', key, cursor, 'COUNT', PURGE_BATCH)
   local kv = scan[2]
   local dels = {}
-  local moved, released, live = 0, 0, 0
+  local moved, released = 0, 0
   for i = 1, #kv, 2 do
     local field, value = kv[i], kv[i + 1]
     local kind = string.sub(field, 1, 2)
@@ -38,24 +37,21 @@ local function purge_step(key, cursor, due, now, horizon, period, ids, writes, s
       local expiry = tonumber(string.sub(value, 1, sep - 1))
       if expiry <= now then
         local id = string.sub(field, 3)
-        released = released + tonumber(string.sub(value, sep + 1))
+        local amount = string.sub(value, sep + 1)
+        released = released + tonumber(amount)
         moved = moved + 1
         ids[#ids + 1] = id
         dels[#dels + 1] = field
         writes[#writes + 1] = 't:' .. id
-        writes[#writes + 1] = int(now)
+        writes[#writes + 1] = int(now) .. ':' .. amount
         due = math.min(due, now + horizon)
       else
         due = math.min(due, expiry)
-        if seen == nil then
-          live = live + 1
-        elseif not seen[field] then
-          seen[field] = true
-          live = live + 1
-        end
       end
     elseif kind == 't:' or kind == 'd:' then
-      local ends = tonumber(value) + horizon
+      -- '<time>', or a tombstone's '<time>:<amount>' (a tombstone of an older version: '<time>')
+      local sep = string.find(value, ':', 1, true)
+      local ends = tonumber(sep and string.sub(value, 1, sep - 1) or value) + horizon
       if ends <= now then
         dels[#dels + 1] = field
       else
@@ -76,7 +72,7 @@ local function purge_step(key, cursor, due, now, horizon, period, ids, writes, s
   if released > 0 then
     redis.call('HINCRBY', key, 'held', int(-released))
   end
-  return moved, released, scan[1], due, live
+  return moved, released, scan[1], due
 end
 
 -- The pass-state fields for the caller's HSET after a purge step (and the fields to delete when the
@@ -95,6 +91,26 @@ local function pass_state(cursor, due, writes, key)
     writes[#writes + 1] = 'pm'
     writes[#writes + 1] = int(due)
   end
+end
+
+-- One step of the purge pass of the hash at `key`, whose `pa` field is `pa` (at most `now`: a pass
+-- is due, or under way when 0). Expired ids go to `ids`, the writes (tombstones, the pass state) to
+-- `writes` for the caller's HSET. Returns moved, released amount, and the new `pa` and `pm`: `pa`
+-- 0 and `pm` the earliest due time seen while the pass goes on, or `pa` the next pass's due time
+-- and `pm` false once it is complete.
+local function pass_step(key, pa, now, horizon, period, ids, writes)
+  local cursor, pm = '0', NEVER
+  if pa == 0 then
+    local pass = redis.call('HMGET', key, 'pc', 'pm')
+    cursor, pm = pass[1] or '0', tonumber(pass[2]) or NEVER
+  end
+  local moved, released
+  moved, released, cursor, pm = purge_step(key, cursor, pm, now, horizon, period, ids, writes)
+  pass_state(cursor, pm, writes, key)
+  if cursor == '0' then
+    return moved, released, pm, false
+  end
+  return moved, released, 0, pm
 end
 
 -- Makes the purge pass under way (`pm` set) or the next one (`pa`) come no later than `due`.

@@ -136,22 +136,10 @@ for i = 1, n do
   local moved = 0
   if pa <= now then
     -- A purge pass is due, or under way (`pa` is 0): one step of it.
-    local cursor = '0'
-    pm = NEVER
-    if pa == 0 then
-      local pass = redis.call('HMGET', key, 'pc', 'pm')
-      cursor, pm = pass[1] or '0', tonumber(pass[2]) or NEVER
-    end
     local released
     writes = {}
-    moved, released, cursor, pm = purge_step(key, cursor, pm, now, horizon, period, ids, writes)
+    moved, released, pa, pm = pass_step(key, pa, now, horizon, period, ids, writes)
     held = held - released
-    pass_state(cursor, pm, writes, key)
-    if cursor == '0' then
-      pa, pm = pm, false
-    else
-      pa = 0
-    end
   end
   if held < 0 then
     held = 0

@@ -1,8 +1,8 @@
-"""Entity ids, their sanitising, and the Redis key layout (DESIGN.md section 5).
+"""Who a request is charged to: entity ids from requests, their sanitising and hashing.
 
 An entity id is client data. In a key it is either raw, ``r:<id>``, when it is short, plain and not a
 credential, or a digest, ``h:<hex>``, for anything else; the two namespaces never collide, and no
-client byte can move the ``{hash tag}`` of a budget.
+client byte can move the ``{hash tag}`` of a budget (``budgets.py`` makes the key).
 """
 
 from __future__ import annotations
@@ -14,19 +14,20 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AmbiguousEntity", "Budget", "EntityHasher", "KeyLayout", "KeySource", "validate_name"]
+__all__ = [
+    "SECRET_HEADERS",
+    "SOURCE_KINDS",
+    "AmbiguousEntity",
+    "EntityHasher",
+    "KeySource",
+    "header_id",
+    "header_value",
+    "plain_id",
+]
 
 _RAW_ID = re.compile(r"[A-Za-z0-9._@-]{1,64}")
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Used when no BUDGET_SECRET is set: digests are then stable but guessable for small id spaces.
 _DEFAULT_KEY = b"budget-middleware/v1"
-
-
-def validate_name(name: str, what: str) -> str:
-    """Rule names and the key prefix: ``[A-Za-z0-9._-]{1,64}``."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"{what} must match [A-Za-z0-9._-]{{1,64}}, got {name!r}")
-    return name
 
 
 class EntityHasher:
@@ -60,36 +61,6 @@ class EntityHasher:
                 self._span_cache.clear()
             cached = self._span_cache[token] = self.digest(token[2:])
         return cached
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """One rule applied to one entity; ``period_ms == 0`` is a lifetime budget."""
-
-    rule: str
-    entity: str
-    period_ms: int
-
-    def window_of(self, now_ms: int) -> int:
-        """Start of the window containing ``now_ms``, aligned to the UTC epoch (0 for lifetime)."""
-        return now_ms - now_ms % self.period_ms if self.period_ms else 0
-
-    def reset_ms(self, window: int) -> int | None:
-        """End of ``window`` in epoch ms, or None for a lifetime budget."""
-        return window + self.period_ms if self.period_ms else None
-
-
-class KeyLayout:
-    """``<prefix>:{<rule>:<entity>}``: one hash per budget, its entity inside the hash tag."""
-
-    __slots__ = ("prefix",)
-
-    def __init__(self, prefix: str = "budget") -> None:
-        self.prefix = validate_name(prefix, "key prefix")
-
-    def key(self, budget: Budget) -> str:
-        """The budget's hash (its fields are listed in ``ledger/lua/_common.lua``)."""
-        return f"{self.prefix}:{{{budget.rule}:{budget.entity}}}"
 
 
 # -- entity ids from requests ----------------------------------------------------------------
