@@ -78,7 +78,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -86,17 +86,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from budget_middleware import (
-    BudgetConfig,
-    BudgetMiddleware,
-    Finalizer,
-    MemoryLedger,
-    RedisLedger,
-    Rule,
-    get_reservation,
-)
-from budget_middleware.handle import charge_micros
-from budget_middleware.keys import EntityHasher
+if TYPE_CHECKING:
+    from budget_middleware import BudgetConfig, Finalizer
 
 BENCH_DIR = Path(__file__).resolve().parent
 HEADER = "x-user"
@@ -109,6 +100,8 @@ PREFIX = "overheadbench"
 
 
 def budget_config(redis_url: str | None) -> BudgetConfig:
+    from budget_middleware import BudgetConfig, Rule
+
     return BudgetConfig(
         rules=(Rule("bench", f"header:{HEADER}", LIMIT, "1d"),),
         redis_url=redis_url,
@@ -120,8 +113,17 @@ def budget_config(redis_url: str | None) -> BudgetConfig:
 @dataclass
 class Built:
     app: Starlette
-    finalizer: Finalizer | None
-    ledger: MemoryLedger | RedisLedger | None
+    metered: bool
+
+    def finalizer(self) -> Finalizer | None:
+        """The finalizer the middleware made itself (the stack is built at the lifespan's start)."""
+        node: Any = getattr(self.app, "middleware_stack", None)
+        while node is not None:
+            finalizer = getattr(node, "finalizer", None)
+            if finalizer is not None:
+                return finalizer  # type: ignore[no-any-return]
+            node = getattr(node, "app", None)
+        return None
 
 
 class HeaderFloor:
@@ -161,6 +163,15 @@ class _LeastState:
         self.heap: list[tuple[int, str]] = []
 
 
+_plain_micros: dict[str, int] = {}  # the few prices an app reports, parsed once
+
+
+def to_micros(amount: str, what: str) -> int:
+    from budget_middleware import to_micros as parse
+
+    return parse(amount, what=what)
+
+
 class _LeastHandle:
     __slots__ = ("_headers", "_send", "charged", "closed", "reported", "status")
 
@@ -173,7 +184,9 @@ class _LeastHandle:
         self._headers = headers
 
     def charge(self, amount: str) -> None:
-        micros = charge_micros(amount, "charge")
+        micros = _plain_micros.get(amount)
+        if micros is None:
+            micros = _plain_micros[amount] = to_micros(amount, what="charge")
         if self.closed:
             raise RuntimeError("charged after the settle")
         self.charged += micros
@@ -257,7 +270,11 @@ class LeastBudget:
 
 def build_app(backend: str, redis_url: str | None = None) -> Built:
     """``backend``: bare (no middleware), floor (``HeaderFloor``), least (``LeastBudget``), memory,
-    or redis."""
+    or redis. The metered ones are built as a user builds them, ``BudgetMiddleware`` given only its
+    config (which makes the ledger and the finalizer), so the benchmark leans on the public API
+    alone and measures any source tree (``--src``)."""
+    from budget_middleware import BudgetMiddleware, get_reservation
+
     metered = backend not in ("bare", "floor", "least")
 
     # Which endpoint is chosen here, so bare's does nothing per request but answer.
@@ -272,36 +289,23 @@ def build_app(backend: str, redis_url: str | None = None) -> Built:
         request.scope["state"]["budget"].charge(CHARGE)  # as get_reservation finds the handle
         return JSONResponse({"ok": True})
 
-    finalizer: Finalizer | None = None
-    ledger: MemoryLedger | RedisLedger | None = None
     middleware: list[Middleware] = []
     if backend == "floor":
         middleware.append(Middleware(HeaderFloor))
     if backend == "least":
         middleware.append(Middleware(LeastBudget))
     if metered:
+        if backend == "redis" and not redis_url:
+            raise SystemExit("the redis configuration needs a redis url")
         config = budget_config(redis_url if backend == "redis" else None)
-        if backend == "redis":
-            if not redis_url:
-                raise SystemExit("the redis configuration needs a redis url")
-            ledger = RedisLedger(redis_url, prefix=PREFIX, horizon_ms=config.horizon_ms)
-        else:
-            ledger = MemoryLedger(horizon_ms=config.horizon_ms)
-        # Made here, not by the middleware, so the benchmark can wait for it to go idle.
-        finalizer = Finalizer(
-            ledger,
-            lease_ms=config.lease_ms,
-            timeout_ms=config.timeout_ms,
-            hasher=EntityHasher(config.secret),
-        )
-        middleware.append(
-            Middleware(BudgetMiddleware, config=config, ledger=ledger, finalizer=finalizer)
-        )
+        middleware.append(Middleware(BudgetMiddleware, config=config))
+    built: Built
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         # The middleware drains the finalizer before the app's shutdown runs: the counts are final.
+        finalizer = built.finalizer()
         if finalizer is not None and os.environ.get("OVERHEAD_STATS"):
             stats = {
                 "applied": finalizer.applied,
@@ -313,7 +317,8 @@ def build_app(backend: str, redis_url: str | None = None) -> Built:
 
     chosen = charging_endpoint if metered else least_endpoint if backend == "least" else endpoint
     app = Starlette(routes=[Route("/", chosen)], middleware=middleware, lifespan=lifespan)
-    return Built(app, finalizer, ledger)
+    built = Built(app, metered)
+    return built
 
 
 _EXPORTER: Any = None
@@ -796,7 +801,7 @@ async def measure_inproc(
     built = build_app(cfg.backend, redis_url)
     life = Lifespan(built.app)
     await life.startup()
-    finalizer = built.finalizer
+    finalizer = built.finalizer()
 
     async def settle_all() -> None:
         if finalizer is not None and not await finalizer.wait_idle(30):
@@ -862,20 +867,16 @@ def machine_facts(redis_url: str | None) -> dict[str, str]:
                 break
     wrk = _cmd_version(["wrk", "-v"])
     loop, http = server_choice()
-    repo = BENCH_DIR.parent
-    git = _cmd_version(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
     import budget_middleware
 
     package = Path(budget_middleware.__file__).resolve().parent
-    if package.is_relative_to(repo):
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        source = f"{package.relative_to(repo)} at {git}" + (" + uncommitted changes" if dirty else "")
-    else:
-        source = f"{package} (outside the repo, whose HEAD is {git})"
+    git = _cmd_version(["git", "-C", str(package), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(package), "status", "--porcelain", "--", "."],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    source = f"{package} at {git}" + (" + uncommitted changes" if dirty else "")
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": str(os.cpu_count()),
@@ -1019,8 +1020,9 @@ async def run_once(cfg: Cfg, redis_url: str | None, requests: int, concurrency: 
         for n in (300, requests):
             if n:
                 await drive_asgi(built.app, n, concurrency, cfg.users)
-            if built.finalizer is not None:
-                await built.finalizer.wait_idle(60)
+            finalizer = built.finalizer()
+            if finalizer is not None:
+                await finalizer.wait_idle(60)
     finally:
         await life.shutdown()
 
@@ -1188,6 +1190,18 @@ async def inproc_all(
     return out
 
 
+def use_source_tree(src: Path) -> None:
+    """Import ``budget_middleware`` from ``src`` here and in every child process (PYTHONPATH comes
+    before the installed packages, an editable install's path included)."""
+    src = src.resolve()
+    if not (src / "budget_middleware" / "__init__.py").is_file():
+        raise SystemExit(f"--src {src}: no budget_middleware/__init__.py there")
+    sys.path.insert(0, str(src))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(src), os.environ.get("PYTHONPATH", "")) if p
+    )
+
+
 def _lo_hi(text: str) -> tuple[int, int]:
     lo, hi = (int(x) for x in text.split(","))
     return lo, hi
@@ -1257,8 +1271,17 @@ def main() -> None:
         default=8,
         help="keep-alive connections of the --callgrind-http client (they divide LO and HI)",
     )
+    p.add_argument(
+        "--src",
+        type=Path,
+        help="measure the package in this source tree (its src/ directory, which holds "
+        "budget_middleware/) instead of the installed one: put first on the path of this process "
+        "and of every server it starts",
+    )
     p.add_argument("--once", help=argparse.SUPPRESS)  # internal: one callgrind run
     args = p.parse_args()
+    if args.src is not None:
+        use_source_tree(args.src)
     if args.once:
         name, backend, users, tracing, requests, conc = args.once.split(":")
         cfg = Cfg(name, backend, int(users), tracing == "1")
