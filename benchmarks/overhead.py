@@ -148,8 +148,10 @@ class Built:
 def build_app(backend: str, redis_url: str | None = None) -> Built:
     """``backend``: bare (no middleware), floor (``HeaderFloor``), least (``LeastBudget``), memory,
     or redis."""
+    import budget_middleware
     from budget_middleware import BudgetMiddleware, get_reservation
 
+    package = os.path.dirname(os.path.realpath(budget_middleware.__file__))  # for the stats
     metered = backend not in ("bare", "floor", "least")
 
     # Which endpoint is chosen here, so bare's does nothing per request but answer.
@@ -183,6 +185,7 @@ def build_app(backend: str, redis_url: str | None = None) -> Built:
         finalizer = built.finalizer()
         if finalizer is not None and os.environ.get("OVERHEAD_STATS"):
             stats = {
+                "package": package,
                 "applied": finalizer.applied,
                 "outcomes": finalizer.outcomes,
                 "lost": finalizer.lost,
@@ -386,6 +389,7 @@ def measure_http(
         cpu1 = proc_cpu_s(server.proc.pid)
         rcpu1 = redis_cpu_s(redis_url) if rcpu0 is not None and redis_url else None
     n = max(result.requests, 1)
+    check_package(server)
     return HttpResult(
         cfg,
         result,
@@ -674,7 +678,18 @@ def callgrind_http_instructions(cfg: Cfg, requests: int, connections: int, workd
     count = callgrind_collected(text)
     if count is None:
         raise SystemExit(f"callgrind run of uvicorn failed:\n{text[-3000:]}")
+    check_package(server)
     return count
+
+
+def check_package(server: Server) -> None:
+    """The server measured the package this process imported (``--src`` reaches the servers)."""
+    import budget_middleware
+
+    stats = server.stats()
+    here = os.path.dirname(os.path.realpath(budget_middleware.__file__))
+    if stats is not None and stats.get("package") != here:
+        raise SystemExit(f"the server imported {stats.get('package')}, this process {here}")
 
 
 @dataclass
