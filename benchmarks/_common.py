@@ -314,13 +314,15 @@ def package_source() -> str:
     import budget_middleware
 
     package = Path(budget_middleware.__file__).resolve().parent
-    git = cmd_version(["git", "-C", str(package), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(
-        ["git", "-C", str(package), "status", "--porcelain", "--", "."],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    return f"{package} at {git}" + (" + uncommitted changes" if dirty else "")
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return f"{package} (not in a git checkout)"
+    dirty = git("status", "--porcelain", "--", ".").stdout.strip()
+    return f"{package} at {head.stdout.strip()}" + (" + uncommitted changes" if dirty else "")
 
 
 def machine_facts(redis_url: str | None = None) -> dict[str, str]:
