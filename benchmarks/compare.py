@@ -42,16 +42,15 @@ finalizer to apply every pending settlement, so their round trips count.
     .venv/bin/python benchmarks/compare.py --quiet-wait 15  # each run first waits for a quiet box
     .venv/bin/python benchmarks/compare.py --only budget-redis,slowapi --connections 1,8,64
 
+``--src DIR`` serves the package of another source tree (its ``src/``) with the same harness.
 Helpers (redis-server, wrk and its output, /proc CPU, machine facts, CPU pinning: uvicorn on the
-last CPU, wrk and redis-server on the others) come from ``benchmarks/overhead.py``.
+last CPU, wrk and redis-server on the others) come from ``benchmarks/_common.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import importlib.metadata
 import json
 import os
 import resource
@@ -72,20 +71,28 @@ import redis
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from apps.common import ESTIMATE, HEADER, LIMIT, RTT_PATH  # noqa: E402
-from overhead import (  # noqa: E402  (benchmarks/ is not a package)
-    WRK_LUA,
+from _common import (  # noqa: E402  (benchmarks/ is not a package)
     WrkResult,
-    _free_port,
-    _pin,
-    _stop,
+    dist_version,
+    free_port,
     machine_facts,
+    num,
+    pin,
+    print_facts,
     proc_cpu_s,
+    progress,
+    ratio,
     redis_server,
     run_wrk,
-    server_choice,
     split_cpus,
+    stop,
+    table_row,
+    table_start,
+    use_source_tree,
+    uvicorn_command,
+    wrk_script,
 )
+from apps.common import ESTIMATE, HEADER, LIMIT, RTT_PATH  # noqa: E402
 
 PREFIX = "comparebench"
 # Commands of the benchmark's own admin connection and of connection setup: never the app's.
@@ -123,7 +130,7 @@ def cluster_ledger_available() -> bool:
 def _cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is free too."""
     for _ in range(100):
-        port = _free_port()
+        port = free_port()
         if port + 10000 > 65535:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -173,7 +180,7 @@ def redis_cluster(cpus: set[int] | None, primaries: int = 3) -> Iterator[list[in
                         argv,
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
-                        preexec_fn=_pin(cpus),
+                        preexec_fn=pin(cpus),
                     )
                 )
                 ports.append(port)
@@ -204,7 +211,7 @@ def redis_cluster(cpus: set[int] | None, primaries: int = 3) -> Iterator[list[in
             yield ports
         finally:
             for proc in procs:
-                _stop(proc)
+                stop(proc)
 
 
 # -- the app server ------------------------------------------------------------------------------
@@ -247,22 +254,16 @@ def app_env(cfg: Cfg, redis_url: str, cluster_url: str | None) -> dict[str, str]
 def app_server(
     cfg: Cfg, redis_url: str, cluster_url: str | None, workdir: Path, cpus: set[int] | None
 ) -> Iterator[App]:
-    loop, http = server_choice()
-    port = _free_port()
+    port = free_port()
     log = workdir / f"uvicorn-{cfg.name}.log"
-    cmd = [
-        sys.executable, "-m", "uvicorn", f"apps.{cfg.module}:app", "--app-dir", str(BENCH_DIR),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--loop", loop, "--http", http, "--lifespan", "on",
-        "--no-access-log", "--log-level", "warning",
-    ]  # fmt: skip
+    cmd = uvicorn_command(f"apps.{cfg.module}:app", BENCH_DIR, port)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=app_env(cfg, redis_url, cluster_url),
-            preexec_fn=_pin(cpus),
+            preexec_fn=pin(cpus),
         )
     app = App(proc, port, log)
     try:
@@ -281,7 +282,7 @@ def app_server(
                 time.sleep(0.1)
         yield app
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 # -- redis-server statistics -------------------------------------------------------------------------
@@ -442,16 +443,6 @@ def measure(
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _f(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _ratio(x: float | None, base: float | None) -> str:
-    if x is None or base is None or base == 0:
-        return "-"
-    return f"{x / base:.2f}x"
-
-
 def main_table(results: list[Result]) -> str:
     head = (
         "| config | conns | req/s | vs bare | p50 ms | p99 ms | app CPU us/req | vs bare "
@@ -459,7 +450,7 @@ def main_table(results: list[Result]) -> str:
         "| Redis usec/req | vs naive "
         "| redis-server CPU us/req | vs naive | req/s of each round (other load) |"
     )
-    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    rows = table_start(head)
     for r in results:
         same = [x for x in results if x.conns == r.conns]
         bare = next((x for x in same if x.cfg.name == "bare"), None)
@@ -468,25 +459,25 @@ def main_table(results: list[Result]) -> str:
             r.cfg.name,
             str(r.conns),
             f"{r.wrk.rps:,.0f}",
-            _ratio(r.wrk.rps, bare.wrk.rps if bare else None),
+            ratio(r.wrk.rps, bare.wrk.rps if bare else None, "x"),
             f"{r.wrk.p50_ms:.2f}",
             f"{r.wrk.p99_ms:.2f}",
-            _f(r.app_cpu_us, ".0f"),
-            _ratio(r.app_cpu_us, bare.app_cpu_us if bare else None),
-            _f(r.app_util, ".0%"),
-            _f(r.other_cores, ".2f"),
-            _f(r.rtt, ".2f"),
-            _f(r.sent, ".2f"),
-            _f(r.executed, ".2f"),
-            _f(r.redis_usec, ".1f"),
-            _ratio(r.redis_usec, naive.redis_usec if naive else None),
-            _f(r.redis_cpu_us, ".1f"),
-            _ratio(r.redis_cpu_us, naive.redis_cpu_us if naive else None),
+            num(r.app_cpu_us, ".0f"),
+            ratio(r.app_cpu_us, bare.app_cpu_us if bare else None, "x"),
+            num(r.app_util, ".0%"),
+            num(r.other_cores, ".2f"),
+            num(r.rtt, ".2f"),
+            num(r.sent, ".2f"),
+            num(r.executed, ".2f"),
+            num(r.redis_usec, ".1f"),
+            ratio(r.redis_usec, naive.redis_usec if naive else None, "x"),
+            num(r.redis_cpu_us, ".1f"),
+            ratio(r.redis_cpu_us, naive.redis_cpu_us if naive else None, "x"),
             " / ".join(
-                f"{x:,.0f} ({_f(o, '.1f')})" for x, o in zip(r.rounds_rps, r.rounds_other, strict=True)
+                f"{x:,.0f} ({num(o, '.1f')})" for x, o in zip(r.rounds_rps, r.rounds_other, strict=True)
             ),
         ]
-        rows.append("| " + " | ".join(cells) + " |")
+        rows.append(table_row(cells))
     return "\n".join(rows)
 
 
@@ -496,7 +487,7 @@ def versus_table(results: list[Result], subject: str = "budget-redis") -> str:
         f"| {subject} / peer | conns | req/s | p50 | p99 | app CPU/req | RTT/req "
         "| Redis usec/req | redis-server CPU/req |"
     )
-    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    rows = table_start(head)
     for conns in sorted({r.conns for r in results}):
         me = next((r for r in results if r.cfg.name == subject and r.conns == conns), None)
         if me is None:
@@ -505,15 +496,15 @@ def versus_table(results: list[Result], subject: str = "budget-redis") -> str:
             cells = [
                 peer.cfg.name,
                 str(conns),
-                _ratio(me.wrk.rps, peer.wrk.rps),
-                _ratio(me.wrk.p50_ms, peer.wrk.p50_ms),
-                _ratio(me.wrk.p99_ms, peer.wrk.p99_ms),
-                _ratio(me.app_cpu_us, peer.app_cpu_us),
-                _ratio(me.rtt, peer.rtt),
-                _ratio(me.redis_usec, peer.redis_usec),
-                _ratio(me.redis_cpu_us, peer.redis_cpu_us),
+                ratio(me.wrk.rps, peer.wrk.rps, "x"),
+                ratio(me.wrk.p50_ms, peer.wrk.p50_ms, "x"),
+                ratio(me.wrk.p99_ms, peer.wrk.p99_ms, "x"),
+                ratio(me.app_cpu_us, peer.app_cpu_us, "x"),
+                ratio(me.rtt, peer.rtt, "x"),
+                ratio(me.redis_usec, peer.redis_usec, "x"),
+                ratio(me.redis_cpu_us, peer.redis_cpu_us, "x"),
             ]
-            rows.append("| " + " | ".join(cells) + " |")
+            rows.append(table_row(cells))
     return "\n".join(rows)
 
 
@@ -541,53 +532,24 @@ def targets(results: list[Result]) -> list[str]:
                 f"(target <= 1.5 at >= 64 connections): {'MET' if ok else 'NOT MET'}"
             )
         if naive and me.redis_usec is not None and naive.redis_usec:
-            ratio = me.redis_usec / naive.redis_usec
-            cpu = _ratio(me.redis_cpu_us, naive.redis_cpu_us)
+            times = me.redis_usec / naive.redis_usec
+            cpu = ratio(me.redis_cpu_us, naive.redis_cpu_us, "x")
             lines.append(
-                f"c{conns}: budget-redis Redis usec/request {ratio:.2f}x naive's (target <= 3x): "
-                f"{'MET' if ratio <= 3 else 'NOT MET'} (redis-server CPU/request: {cpu} naive's)"
+                f"c{conns}: budget-redis Redis usec/request {times:.2f}x naive's (target <= 3x): "
+                f"{'MET' if times <= 3 else 'NOT MET'} (redis-server CPU/request: {cpu} naive's)"
             )
         if conns == 32 and bare:
-            ratio = me.wrk.rps / bare.wrk.rps
+            share = me.wrk.rps / bare.wrk.rps
             lines.append(
-                f"c{conns}: budget-redis {ratio:.0%} of bare throughput (target >= 70%): "
-                f"{'MET' if ratio >= 0.70 else 'NOT MET'}"
+                f"c{conns}: budget-redis {share:.0%} of bare throughput (target >= 70%): "
+                f"{'MET' if share >= 0.70 else 'NOT MET'}"
             )
     return lines
 
 
 def versions() -> dict[str, str]:
-    out = {}
-    for dist in (
-        "fastapi", "slowapi", "limits", "fastapi-limiter", "pyrate-limiter", "redis",
-    ):  # fmt: skip
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
-def tree_state() -> str:
-    """Uncommitted changes under src/ (other engineers work in this tree): count and digest."""
-    root = BENCH_DIR.parent
-    try:
-        names = subprocess.run(
-            ["git", "-C", str(root), "diff", "--name-only", "HEAD", "--", "src"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        diff = subprocess.run(
-            ["git", "-C", str(root), "diff", "HEAD", "--", "src"],
-            capture_output=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-    if not names:
-        return "clean"
-    return f"{len(names)} files modified (diff sha1 {hashlib.sha1(diff).hexdigest()[:10]})"
+    dists = ("fastapi", "slowapi", "limits", "fastapi-limiter", "pyrate-limiter", "redis")
+    return {dist: dist_version(dist) for dist in dists}
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -636,7 +598,10 @@ def main() -> None:
     )
     p.add_argument("--only", help="comma list of configuration names")
     p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin CPUs")
+    p.add_argument("--src", type=Path, help="serve the package of this source tree (its src/)")
     args = p.parse_args()
+    if args.src is not None:
+        use_source_tree(args.src)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found on PATH")
     cfgs = CONFIGS
@@ -676,9 +641,7 @@ def main() -> None:
                     "Redis figures are summed over the 3 primaries"
                 )
         facts = machine_facts(redis_url) | versions()
-        facts["src tree"] = tree_state()
-        print("argv: " + " ".join(sys.argv))
-        print("; ".join(f"{k} {v}" for k, v in facts.items()))
+        print_facts(facts)
         print(
             f"wrk -t{args.threads} -c{{{','.join(map(str, args.connections))}}} "
             f"-d{args.duration}s --latency, {args.rounds} interleaved rounds (each server warmed "
@@ -694,8 +657,7 @@ def main() -> None:
         if cluster_note:
             print(f"note: {cluster_note}", flush=True)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="compare-")))
-        lua = tmp / "users.lua"
-        lua.write_text(WRK_LUA.format(users=args.users, header=HEADER))
+        lua = wrk_script(tmp, args.users, HEADER)
         # Every server runs for the whole benchmark (an idle one costs nothing), so the runs can
         # interleave: each round goes over every cell, in a rotated order, and slow drift or a
         # neighbour's burst lands on all configurations alike instead of on one.
@@ -714,13 +676,11 @@ def main() -> None:
                 admins = cluster_admins if cfg.cluster else single
                 r = measure(cfg, app, conns, args, lua, admins, client_cpus, args.rewarm)
                 runs.setdefault((cfg.name, conns), []).append(r)
-                print(
+                progress(
                     f"  round {rnd + 1} {cfg.name:16} c{conns:<4} {r.wrk.rps:>8,.0f} req/s  "
                     f"p50 {r.wrk.p50_ms:6.2f} ms  p99 {r.wrk.p99_ms:6.2f} ms  "
-                    f"app {_f(r.app_cpu_us, '.0f')} us/req ({_f(r.app_util, '.0%')})  "
-                    f"RTT/req {_f(r.rtt, '.2f')}  other load {_f(r.other_cores, '.2f')} cores",
-                    file=sys.stderr,
-                    flush=True,
+                    f"app {num(r.app_cpu_us, '.0f')} us/req ({num(r.app_util, '.0%')})  "
+                    f"RTT/req {num(r.rtt, '.2f')}  other load {num(r.other_cores, '.2f')} cores"
                 )
         for name, app in apps.items():
             text = app.log.read_text(errors="replace").strip()

@@ -38,32 +38,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import platform
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from budget_middleware.budgets import Budget
-from budget_middleware.ledger import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import num, over_tasks, progress, ratio, redis_server, table_start
+
+from budget_middleware import (
+    Budget,
     HoldRequest,
     Ledger,
     MemoryLedger,
     RedisLedger,
     Reservation,
     Settlement,
-    new_reservation_id,
 )
+from budget_middleware.ledger import new_reservation_id
 
 LIMIT = 10**15  # micro-units: huge, so nothing is ever rejected
 ESTIMATE = 1_000  # micro-units held per reservation
@@ -82,71 +82,6 @@ NAIVE_CMDS = ("incrbyfloat", "expire")
 HOUSEKEEPING = ("info", "config", "ping", "client", "hello", "script", "flushdb", "select")
 
 PairFn = Callable[[int], Awaitable[None]]
-
-
-# -- redis-server --------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A throwaway redis-server on a free port, no persistence, in a temp dir."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("redis-server not found on PATH; install it or pass --redis-url")
-    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
-        port = _free_port()
-        log = os.path.join(tmp, "redis.log")
-        proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                tmp,
-                "--logfile",
-                log,
-                "--maxmemory-policy",
-                "noeviction",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"redis-server exited with {proc.returncode}; see {log}")
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                        s.sendall(b"PING\r\n")
-                        if s.recv(16).startswith(b"+PONG"):
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("redis-server did not answer PING within 10 s")
-                time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 # -- measurement ---------------------------------------------------------------------------------
@@ -239,20 +174,7 @@ class Admin:
 
 async def drive(pair: PairFn, pairs: int, concurrency: int) -> float:
     """Run ``pairs`` pairs over ``concurrency`` tasks; return the wall time in seconds."""
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < pairs:
-            i = next_index
-            next_index += 1
-            await pair(i)
-
-    start = time.perf_counter()
-    async with asyncio.TaskGroup() as tg:
-        for _ in range(concurrency):
-            tg.create_task(worker())
-    return time.perf_counter() - start
+    return await over_tasks(pairs, concurrency, pair)
 
 
 def budgets_for(mode: str) -> list[Budget]:
@@ -335,23 +257,13 @@ async def run_redis(
 # -- report --------------------------------------------------------------------------------------
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _ratio(x: float | None, base: float | None) -> str:
-    if x is None or base is None or base == 0:
-        return "-"
-    return f"{x / base:.2f}x"
-
-
 def table(phases: list[Phase]) -> str:
     naive = {(p.mode, p.concurrency): p for p in phases if p.backend == "naive"}
     head = (
         "| config | conc | pairs | pairs/s | pairs/s vs naive | server usec/pair "
         "| vs naive | calls/pair | in-script calls/pair | server CPU usec/pair | vs naive |"
     )
-    rows = [head, "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"]
+    rows = table_start(head)
     for p in phases:
         base = naive.get((p.mode, p.concurrency))
         rows.append(
@@ -362,13 +274,13 @@ def table(phases: list[Phase]) -> str:
                     str(p.concurrency),
                     str(p.pairs),
                     f"{p.rate:,.0f}",
-                    _ratio(p.rate, base.rate if base else None),
-                    _fmt(p.usec_per_pair, ".2f"),
-                    _ratio(p.usec_per_pair, base.usec_per_pair if base else None),
-                    _fmt(p.calls_per_pair, ".2f"),
-                    _fmt(p.inner_calls_per_pair, ".2f"),
-                    _fmt(p.cpu_usec_per_pair, ".1f"),
-                    _ratio(p.cpu_usec_per_pair, base.cpu_usec_per_pair if base else None),
+                    ratio(p.rate, base.rate if base else None, "x"),
+                    num(p.usec_per_pair, ".2f"),
+                    ratio(p.usec_per_pair, base.usec_per_pair if base else None, "x"),
+                    num(p.calls_per_pair, ".2f"),
+                    num(p.inner_calls_per_pair, ".2f"),
+                    num(p.cpu_usec_per_pair, ".1f"),
+                    ratio(p.cpu_usec_per_pair, base.cpu_usec_per_pair if base else None, "x"),
                 ]
             )
             + " |"
@@ -449,12 +361,10 @@ async def one_round(args: argparse.Namespace, url: str | None, admin: Admin | No
                     assert admin is not None
                     phase = await run_redis(backend, mode, conc, args.pairs, url, admin)
                 phases.append(phase)
-                print(
+                progress(
                     f"  {phase.name:22} c={conc:<3} {phase.rate:>10,.0f} pairs/s "
-                    f"server {_fmt(phase.usec_per_pair, '.2f')} usec/pair "
-                    f"({time.perf_counter() - t0:.1f} s)",
-                    file=sys.stderr,
-                    flush=True,
+                    f"server {num(phase.usec_per_pair, '.2f')} usec/pair "
+                    f"({time.perf_counter() - t0:.1f} s)"
                 )
     return phases
 
@@ -463,7 +373,7 @@ def rounds_table(phases: list[Phase]) -> str:
     """Per mode and concurrency: the ledger's script time over the naive baseline's in each round
     (the two phases run back to back), and the median of those ratios."""
     head = "| config | conc | each round | median | median usec/pair (redis / naive) |"
-    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    rows = table_start(head)
     keys = dict.fromkeys((p.mode, p.concurrency) for p in phases if p.backend == "redis")
     for mode, conc in keys:
         redis = [p for p in phases if (p.backend, p.mode, p.concurrency) == ("redis", mode, conc)]

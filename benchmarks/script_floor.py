@@ -32,9 +32,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +47,7 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from _common import free_port, per_item, redis_server  # benchmarks/_common.py, next to this file
 from ledger import (  # benchmarks/ledger.py, next to this file
     LEDGER_SCRIPT_CMDS,
     NAIVE_CMDS,
@@ -56,10 +57,10 @@ from ledger import (  # benchmarks/ledger.py, next to this file
     drive,
     ledger_pair,
     naive_pair,
-    redis_server,
 )
 
-from budget_middleware.ledger import RedisLedger, new_reservation_id
+from budget_middleware import RedisLedger
+from budget_middleware.ledger import new_reservation_id
 
 EMPTY = "return 1"
 BARE_RESERVE = """
@@ -190,9 +191,7 @@ def callgrind_server(name: str, out_file: str) -> Iterator[int]:
     exe = shutil.which("redis-server")
     if exe is None:
         raise SystemExit("redis-server not found on PATH")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     collect = [f"--toggle-collect={f}" for f in COLLECT.get(name, SCRIPT_COLLECT)]
     with tempfile.TemporaryDirectory(prefix="bench-cg-") as tmp:
         proc = subprocess.Popen(
@@ -257,7 +256,7 @@ def main_callgrind(lo: int, hi: int) -> None:
     names = NAMES
     per_pair = {}
     for name in names:
-        per_pair[name] = (cg_instructions(name, hi) - cg_instructions(name, lo)) / (hi - lo)
+        per_pair[name] = per_item(lo, hi, functools.partial(cg_instructions, name))
         print(f"{name}: {per_pair[name]:,.0f} instructions/pair", flush=True)
     print()
     print(f"redis-server instructions per pair inside the measured commands ({hi} - {lo} pairs, c=1)")

@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,9 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import cmd_version, cpu_model  # noqa: E402
 
 from chaos.harness import (  # noqa: E402
     ChaosConfig,
@@ -46,21 +48,12 @@ from chaos.harness import (  # noqa: E402
 
 
 def machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     redis_version = "?"
     binary = shutil.which("redis-server")
     if binary:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
-        redis_version = out.stdout.strip()
+        redis_version = cmd_version([binary, "--version"])
     return (
-        f"nproc {len(os.sched_getaffinity(0))}, CPU `{cpu}`, "
+        f"nproc {len(os.sched_getaffinity(0))}, CPU `{cpu_model()}`, "
         f"Python {platform.python_version()}, `{redis_version}`"
     )
 

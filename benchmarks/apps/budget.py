@@ -1,7 +1,9 @@
 """BudgetMiddleware, configured from ``BUDGET_*`` like any user's app.
 
 The memory ledger when ``BUDGET_REDIS_URL`` is unset, else the Redis ledger the middleware would
-make itself (``make_ledger``), with its client made to count round trips (``common.py``).
+make itself (``make_ledger``), with its client made to count round trips (``common.py``). The
+standalone ledger sends its scripts through a pipeline of its own, written on a pooled connection
+without the client's ``execute_command``: that pipeline is counted where the ledger calls it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from fastapi import Request
 from budget_middleware import BudgetConfig, BudgetMiddleware, RedisLedger
 from budget_middleware.middleware import make_ledger
 
-from .common import build_app, count_round_trips
+from .common import build_app, count_round_trips, note_round_trip
 
 config = BudgetConfig.from_env()
 ledger = make_ledger(config)
@@ -21,6 +23,15 @@ if isinstance(ledger, RedisLedger):
     _connect = ledger._connect
     # The ledger makes its client lazily, per event loop; count whatever it makes.
     ledger._connect = lambda: count_round_trips(_connect())  # type: ignore[method-assign]
+    _pipeline = getattr(ledger, "_pipeline", None)
+    if _pipeline is not None:
+
+        async def counted_pipeline(calls: list[Any], *, wait: bool) -> list[Any]:
+            note_round_trip([["evalsha"]] * len(calls) + ([["wait"]] if wait else []))
+            result: list[Any] = await _pipeline(calls, wait=wait)
+            return result
+
+        ledger._pipeline = counted_pipeline  # type: ignore[method-assign]
 
 
 def _middleware(request: Request) -> BudgetMiddleware:

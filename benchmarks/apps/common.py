@@ -60,7 +60,8 @@ def command_name(args: Sequence[Any]) -> str:
     return name
 
 
-def _note(commands: Sequence[Sequence[Any]]) -> None:
+def note_round_trip(commands: Sequence[Sequence[Any]]) -> None:
+    """One round trip that sent ``commands`` (each a command's arguments, name first)."""
     Counts.round_trips += 1
     for args in commands:
         Counts.commands[command_name(args)] += 1
@@ -69,13 +70,13 @@ def _note(commands: Sequence[Sequence[Any]]) -> None:
 class _AsyncPipeline(aioclient.Pipeline):
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         if self.command_stack:
-            _note([args for args, _options in self.command_stack])
+            note_round_trip([args for args, _options in self.command_stack])
         return await super().execute(raise_on_error)
 
 
 class _AsyncRedis(aioredis.Redis):
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        _note([args])
+        note_round_trip([args])
         return await super().execute_command(*args, **options)
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Any:
@@ -85,13 +86,13 @@ class _AsyncRedis(aioredis.Redis):
 class _SyncPipeline(syncclient.Pipeline):
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         if self.command_stack:
-            _note([args for args, _options in self.command_stack])
+            note_round_trip([args for args, _options in self.command_stack])
         return super().execute(raise_on_error)
 
 
 class _SyncRedis(redis.Redis):
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        _note([args])
+        note_round_trip([args])
         return super().execute_command(*args, **options)
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Any:
@@ -117,14 +118,14 @@ class _ClusterPipeline(aiocluster.ClusterPipeline):
                     nodes.add(node.name if node is not None else "?")
                 else:
                     nodes.add("?")
-            Counts.round_trips += len(nodes) - 1  # _note adds one
-            _note([command.args for command in queue])
+            Counts.round_trips += len(nodes) - 1  # note_round_trip adds one
+            note_round_trip([command.args for command in queue])
         return await super().execute(raise_on_error, allow_redirections)
 
 
 class _RedisCluster(aiocluster.RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        _note([args])  # one round trip per call (a call sent to every primary is rare here)
+        note_round_trip([args])  # one round trip per call (a call sent to every primary is rare here)
         return await super().execute_command(*args, **kwargs)
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
