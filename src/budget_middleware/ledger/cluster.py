@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -29,16 +29,14 @@ from ._types import (
     LedgerError,
     LedgerUnavailable,
     Rejection,
-    Renewed,
     Reservation,
     Settled,
     Settlement,
-    SettleOutcome,
     Violation,
     check_lease,
 )
 from .redis import RedisLedger
-from .urls import parse_cluster_url, redact_url
+from .urls import parse_cluster_url
 
 __all__ = ["RedisClusterLedger"]
 
@@ -132,9 +130,6 @@ class RedisClusterLedger(RedisLedger):
         self._state_key: tuple[int, int] | None = None
         self._loop_state: _LoopState | None = None
 
-    def __repr__(self) -> str:
-        return f"RedisClusterLedger({redact_url(self.url) if self.url else 'client'!r})"
-
     # -- connection ----------------------------------------------------------------------------
 
     def _connect(self) -> aioredis.Redis:
@@ -197,22 +192,9 @@ class RedisClusterLedger(RedisLedger):
 
     # -- script calls: pipelined per primary, primaries concurrently -----------------------------
 
-    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        (reply,) = await self._run([(name, keys, args)], wait=False)
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
-
-    async def _eval_many(self, calls: list[Call], *, wait: bool = True) -> list[Any]:
-        return await self._run(calls, wait=wait and bool(self.wait_replicas))
-
-    async def _run(self, calls: list[Call], *, wait: bool) -> list[Any]:
+    async def _send(self, calls: list[Call], wait: bool) -> list[Any]:
         """One result (or ``LedgerError``) per call; every call must touch one slot."""
-        if not calls:
-            return []
         client = self.cluster()
-        if not self._checked:
-            await self.check()
         async with self._state().gate:
             try:
                 await client.initialize()  # a no-op once the slots are known
@@ -305,12 +287,13 @@ class RedisClusterLedger(RedisLedger):
         """The cluster slot of ``budget``'s keys."""
         return int(key_slot(self.layout.key(budget).encode()))
 
-    def _groups(self, budgets: Sequence[Budget]) -> list[list[int]]:
-        """Indices of ``budgets`` grouped by slot, groups in order of first appearance."""
+    def _split(self, holds: Sequence[HeldBudget | HoldRequest]) -> list[list[int]] | None:
+        """Indices of ``holds`` grouped by slot, groups in order of first appearance; None when
+        they all live in one slot (one call)."""
         groups: dict[int, list[int]] = {}
-        for i, b in enumerate(budgets):
-            groups.setdefault(self.slot(b), []).append(i)
-        return list(groups.values())
+        for i, h in enumerate(holds):
+            groups.setdefault(self.slot(h.budget), []).append(i)
+        return list(groups.values()) if len(groups) > 1 else None
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -320,8 +303,8 @@ class RedisClusterLedger(RedisLedger):
         if not holds:
             raise ValueError("reserve needs at least one hold")
         check_lease(lease_ms, self.horizon_ms)
-        groups = self._groups([h.budget for h in holds])
-        if len(groups) == 1:
+        groups = self._split(holds)
+        if groups is None:
             return await super().reserve(reservation_id, holds, lease_ms)
         # The tightest limit first, then by slot: one order for every request, so concurrent
         # requests meet on the budget most likely to refuse before holding anything elsewhere
@@ -469,38 +452,14 @@ class RedisClusterLedger(RedisLedger):
         task.add_done_callback(self._flushes.discard)
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> list[Settled]:
-        """Settle a batch; a settlement spanning several slots is one call per slot.
+        """Settle a batch; a settlement spanning several slots is one call per slot, and settles of
+        the same such reservation in this process go one after another (``_one_at_a_time``).
 
         Raises if any call failed (every call is idempotent: retry the batch).
         """
-        parts: list[Settlement] = []
-        plan: list[list[tuple[int, list[int]]]] = []
-        multi: set[str] = set()
-        for s in settlements:
-            groups = self._groups([hb.budget for hb in s.holds])
-            if len(groups) <= 1:
-                plan.append([(len(parts), list(range(len(s.holds))))])
-                parts.append(s)
-                continue
-            multi.add(s.reservation_id)
-            entry = []
-            for g in groups:
-                entry.append((len(parts), g))
-                parts.append(replace(s, holds=tuple(s.holds[i] for i in g)))
-            plan.append(entry)
+        multi = {s.reservation_id for s in settlements if self._split(s.holds) is not None}
         async with self._one_at_a_time(multi):
-            settled = await super().settle_many(parts)
-        out: list[Settled] = []
-        for s, entry in zip(settlements, plan, strict=True):
-            if len(entry) == 1:
-                out.append(settled[entry[0][0]])
-                continue
-            outcomes: list[SettleOutcome] = ["duplicate"] * len(s.holds)
-            for part, g in entry:
-                for i, outcome in zip(g, settled[part].outcomes, strict=True):
-                    outcomes[i] = outcome
-            out.append(Settled(s.reservation_id, tuple(outcomes)))
-        return out
+            return await super().settle_many(settlements)
 
     @contextlib.asynccontextmanager
     async def _one_at_a_time(self, reservation_ids: set[str]) -> AsyncIterator[None]:
@@ -527,18 +486,3 @@ class RedisClusterLedger(RedisLedger):
             for r in reservation_ids:
                 if state.settling.get(r) is mine:
                     del state.settling[r]
-
-    async def extend(self, reservations: Sequence[Reservation], lease_ms: int) -> Renewed:
-        """Renew leases; a reservation spanning several slots is one call per slot."""
-        parts = [
-            replace(r, holds=tuple(r.holds[i] for i in g))
-            for r in reservations
-            for g in self._groups([hb.budget for hb in r.holds])
-        ]
-        return await super().extend(parts, lease_ms)
-
-    async def set_limit(self, budget: Budget, limit: int | None) -> None:
-        try:
-            await super().set_limit(budget, limit)
-        except rexc.RedisClusterException as exc:
-            raise _wrap(exc) from exc
