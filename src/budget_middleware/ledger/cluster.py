@@ -23,6 +23,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import key_slot
 
 from ..budgets import Budget
+from ._cluster_transport import CLUSTER_ERRORS, run_on_node, wrap_cluster
+from ._transport import Call
 from ._types import (
     HeldBudget,
     HoldRequest,
@@ -41,33 +43,6 @@ from .urls import parse_cluster_url
 __all__ = ["RedisClusterLedger"]
 
 logger = logging.getLogger("budget_middleware")
-
-Call = tuple[str, list[str], list[Any]]
-
-# Errors that mean "the cluster (or part of it) cannot answer now". A RedisClusterException is
-# raised for topology problems (no reachable startup node, a slot no node serves): this ledger never
-# sends a cross-slot call, so it is an availability problem too.
-_UNAVAILABLE = (
-    rexc.ConnectionError,
-    rexc.TimeoutError,
-    rexc.ClusterDownError,
-    rexc.TryAgainError,
-    rexc.RedisClusterException,
-    OSError,
-    asyncio.TimeoutError,
-)
-_ERRORS = (rexc.RedisError, rexc.RedisClusterException, OSError, asyncio.TimeoutError)
-
-
-def _wrap(exc: BaseException) -> LedgerError:
-    if isinstance(exc, LedgerError):
-        return exc
-    if isinstance(exc, _UNAVAILABLE):
-        return LedgerUnavailable(f"redis cluster unavailable: {type(exc).__name__}: {exc}")
-    return LedgerError(f"redis error: {type(exc).__name__}: {exc}")
-
-
-# -- the ledger -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -167,7 +142,7 @@ class RedisClusterLedger(RedisLedger):
             replies = await self.cluster().config_get(
                 "maxmemory-policy", target_nodes=RedisCluster.PRIMARIES
             )
-        except _ERRORS as exc:
+        except CLUSTER_ERRORS as exc:
             logger.warning(
                 "budget: could not read maxmemory-policy of the cluster's primaries (%s); they must "
                 "run with maxmemory-policy noeviction or budgets can be evicted and reset",
@@ -206,8 +181,8 @@ class RedisClusterLedger(RedisLedger):
                             f"no node serves key {keys[0]!r}"
                         )
                     by_node.setdefault(node.name, (node, []))[1].append(i)
-            except _ERRORS as exc:
-                raise _wrap(exc) from exc
+            except CLUSTER_ERRORS as exc:
+                raise wrap_cluster(exc) from exc
             groups = list(by_node.values())
             replies = await asyncio.gather(
                 *(self._run_on(client, node, [calls[i] for i in idx], wait) for node, idx in groups),
@@ -219,7 +194,7 @@ class RedisClusterLedger(RedisLedger):
                 if not isinstance(reply, Exception):
                     raise reply
                 for i in idx:
-                    results[i] = _wrap(reply)
+                    results[i] = wrap_cluster(reply)
             else:
                 for i, result in zip(idx, reply, strict=True):
                     results[i] = result
@@ -228,58 +203,9 @@ class RedisClusterLedger(RedisLedger):
     async def _run_on(
         self, client: RedisCluster, node: ClusterNode, calls: list[Call], wait: bool
     ) -> list[Any]:
-        """The calls whose slots ``node`` serves, in one pipeline (redirections are followed)."""
-        results: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in (0, 1):
-            # ClusterPipeline refuses pipe.evalsha() but routes EVALSHA by its keys.
-            pipe = client.pipeline(transaction=False)
-            for i in todo:
-                name, keys, args = calls[i]
-                pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
-            if wait:
-                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node)
-            try:
-                replies = await pipe.execute(raise_on_error=False)
-            except _ERRORS as exc:
-                raise _wrap(exc) from exc
-            if wait:
-                acked = replies.pop()
-                if isinstance(acked, BaseException):
-                    raise _wrap(acked) from acked
-                if int(acked) < self.wait_replicas:
-                    raise LedgerUnavailable(
-                        f"only {acked} of {self.wait_replicas} replicas of {node.name} "
-                        "acknowledged the batch"
-                    )
-            missing = []
-            for i, reply in zip(todo, replies, strict=True):
-                if attempt == 0 and isinstance(reply, rexc.NoScriptError):
-                    missing.append(i)
-                else:
-                    results[i] = _wrap(reply) if isinstance(reply, BaseException) else reply
-            if not missing:
-                break
-            await self._load_scripts(client, [calls[i] for i in missing])
-            todo = missing
-        return results
-
-    async def _load_scripts(self, client: RedisCluster, calls: list[Call]) -> None:
-        """SCRIPT LOAD on the node that now serves each call's slot (not on every primary: one
-        unreachable primary must not stop the others)."""
-        targets: dict[str, tuple[ClusterNode, set[str]]] = {}
-        try:
-            for name, keys, _ in calls:
-                node = client.get_node_from_key(keys[0])
-                if node is not None:
-                    targets.setdefault(node.name, (node, set()))[1].add(name)
-            for node, names in targets.values():
-                for name in sorted(names):
-                    await client.execute_command(
-                        "SCRIPT LOAD", self._scripts[name].source, target_nodes=node
-                    )
-        except _ERRORS as exc:
-            raise _wrap(exc) from exc
+        """The calls whose slots ``node`` serves, in one pipeline (and WAIT, when asked)."""
+        replicas = (self.wait_replicas, self.wait_timeout_ms) if wait else None
+        return await run_on_node(client, self._scripts, node, calls, replicas)
 
     # -- slots ---------------------------------------------------------------------------------
 
