@@ -25,6 +25,7 @@ __all__ = [
     "Settlement",
     "Usage",
     "Violation",
+    "admits",
     "check_lease",
     "id_time_ms",
     "new_reservation_id",
@@ -68,6 +69,12 @@ def id_time_ms(reservation_id: str) -> int:
     if len(reservation_id) != 32 or not _HEX.issuperset(head):
         return 0
     return int(head, 16)
+
+
+def admits(limit: int, spent: int, held: int, amount: int) -> bool:
+    """The admission rule (DESIGN.md section 4), as reserve.lua applies it: room left, and room for
+    the whole amount, so a zero estimate cannot pass an exhausted budget."""
+    return limit - spent - held > 0 and spent + held + amount <= limit
 
 
 def check_lease(lease_ms: int, horizon_ms: int) -> None:

@@ -35,6 +35,7 @@ from ._types import (
     Settled,
     Settlement,
     Violation,
+    admits,
     check_lease,
 )
 from .redis import RedisLedger
@@ -300,8 +301,7 @@ class RedisClusterLedger(RedisLedger):
                 continue  # best effort: the refusing group's violations are the answer
             amount = holds[i].amount
             purged += u.purged
-            # The admission rule of reserve.lua: room left, and room for the whole amount.
-            if not (u.limit - u.spent - u.held > 0 and u.spent + u.held + amount <= u.limit):
+            if not admits(u.limit, u.spent, u.held, amount):
                 found[i] = Violation(
                     holds[i].budget, u.limit, u.spent, u.held, amount, u.reset_ms, u.now_ms
                 )
