@@ -581,11 +581,11 @@ class FlakyClusterLedger(RedisClusterLedger):
         self.stalled = False
         self.resume = asyncio.Event()
 
-    async def _run(self, calls: list[tuple[str, list[str], list[Any]]], *, wait: bool) -> list[Any]:
+    async def _send(self, calls: list[tuple[str, list[str], list[Any]]], wait: bool) -> list[Any]:
         if any(name == "reserve" and slot_of(keys[0]) == self.stall for name, keys, _ in calls):
             self.stalled = True
             await self.resume.wait()
-        return await super()._run(calls, wait=wait)
+        return await super()._send(calls, wait)
 
     async def _run_on(
         self,

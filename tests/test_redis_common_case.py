@@ -1,7 +1,7 @@
 """One budget's common-case reserve (a string reply parsed in Python) against the general path.
 
 The reserve script serves one budget whose state exists, with no purge pass due and not a retry,
-first, and replies with a string of what it read; ``_common_reserve_result`` works the limit and
+first, and replies with a string of what it read; ``ledger/_replies.py`` works the limit and
 what remains out of it. The general path (and the script before the common case was added) reads
 the same fields in Lua and replies with the numbers. Each test here makes two budgets with the same
 state and forces one through the general path (``pa`` 0: a purge pass under way), so a difference

@@ -247,8 +247,8 @@ class TestBoundedWork:
 def test_packed_script_calls_match_redis_py(keys: list[str], args: list[Any]) -> None:
     from redis.asyncio.connection import Connection
 
-    from budget_middleware.ledger.redis import RedisLedger, pack_evalsha
+    from budget_middleware.ledger._transport import load_scripts, pack_evalsha
 
-    script = RedisLedger("redis://localhost")._scripts["reserve"]
+    script = load_scripts()["reserve"]
     reference = b"".join(Connection().pack_command("EVALSHA", script.sha, len(keys), *keys, *args))
     assert pack_evalsha(script, keys, args) == reference

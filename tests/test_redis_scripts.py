@@ -33,7 +33,7 @@ from budget_middleware.ledger import (
     Settlement,
     new_reservation_id,
 )
-from budget_middleware.ledger._types import id_time_ms
+from budget_middleware.ledger._types import admits, id_time_ms
 
 DAY_MS = 86_400_000
 LIMIT = 10**9
@@ -846,6 +846,28 @@ class TestUsageIsBounded:
         ledger = await make_ledger()
         with pytest.raises(LedgerError, match="usage: bad arguments"):
             await ledger._eval("usage", [key(ledger, budget())], [DAY_MS, LIMIT, DAY_MS, cursor])
+
+
+class TestTheAdmissionRule:
+    """``admits`` (Python, used where the Cluster reads later slots) and reserve.lua, on both its
+    paths, agree: room left, and room for the whole amount."""
+
+    @pytest.mark.parametrize(
+        ("limit", "spent", "held", "amount"),
+        [(10, 10, 0, 0), (10, 9, 0, 1), (10, 9, 0, 2), (10, 0, 10, 0), (0, 0, 0, 0), (10, 5, 4, 1)],
+    )
+    @pytest.mark.parametrize("path", ["common", "general"])
+    async def test_python_and_lua_agree(
+        self, make_ledger: Any, path: str, limit: int, spent: int, held: int, amount: int
+    ) -> None:
+        ledger = await make_ledger()
+        a = budget("r:a", period_ms=0)
+        state = {"held": held, "s:0": spent, "epoch": "e", "ttl": -1}
+        if path == "general":
+            state["pa"] = 0  # a purge pass under way: the general path
+        await ledger.client().hset(key(ledger, a), mapping=state)
+        result = await ledger.reserve(new_reservation_id(), [HoldRequest(a, limit, amount)], 1000)
+        assert result.admitted is admits(limit, spent, held, amount)
 
 
 class TestEpoch:

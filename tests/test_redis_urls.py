@@ -89,6 +89,16 @@ def test_a_percent_encoded_password_reaches_redis_py_whole(pw: str) -> None:
     assert redact_url(url) == "redis://***@cache:6379/0"
 
 
+# Passwords that hold a '/', '?' or '#' by construction (a filter on random text discarded so many
+# that hypothesis's health check failed now and then).
+_CUT_PASSWORDS = st.builds(
+    lambda head, cut, tail: head + cut + tail,
+    st.text(min_size=3, max_size=20),
+    st.sampled_from("/?#"),
+    st.text(min_size=2, max_size=19),
+)
+
+
 @pytest.mark.parametrize(
     "template",
     [
@@ -99,7 +109,7 @@ def test_a_percent_encoded_password_reaches_redis_py_whole(pw: str) -> None:
         "redis+sentinel://:{pw}@s1:26379/mymaster",
     ],
 )
-@given(pw=st.text(min_size=6, max_size=40).filter(lambda p: any(c in p for c in "/?#")))
+@given(pw=_CUT_PASSWORDS)
 @example(pw="s3cr#t")
 def test_an_unencoded_password_that_redis_py_would_cut_is_refused(template: str, pw: str) -> None:
     """Failed before: such a URL went to redis-py, which read part of the password as the host or
@@ -107,12 +117,10 @@ def test_an_unencoded_password_that_redis_py_would_cut_is_refused(template: str,
     url = template.format(pw=pw)
     with pytest.raises(ValueError, match="percent-encode") as refused:
         check_redis_url(url)
-    # The message is the same whatever the password was: it cannot carry any of it (a test for the
-    # password as a substring would fail on passwords such as "edis:/", which the message holds).
-    other = template.format(pw="zz/zz?zz#zz")
-    with pytest.raises(ValueError, match="percent-encode") as refused_other:
-        check_redis_url(other)
-    assert str(refused.value) == str(refused_other.value)
+    # The message quotes nothing of the URL: it is the same for any such password.
+    with pytest.raises(ValueError, match="percent-encode") as placeholder:
+        check_redis_url(template.format(pw="a/b"))
+    assert str(refused.value) == str(placeholder.value)
     ledger = {
         "redis+cluster": RedisClusterLedger,
         "redis+sentinel": RedisSentinelLedger,

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -23,53 +23,27 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import key_slot
 
 from ..budgets import Budget
+from ._cluster_transport import CLUSTER_ERRORS, run_on_node, wrap_cluster
+from ._transport import Call
 from ._types import (
     HeldBudget,
     HoldRequest,
     LedgerError,
     LedgerUnavailable,
     Rejection,
-    Renewed,
     Reservation,
     Settled,
     Settlement,
-    SettleOutcome,
     Violation,
+    admits,
     check_lease,
 )
 from .redis import RedisLedger
-from .urls import parse_cluster_url, redact_url
+from .urls import parse_cluster_url
 
 __all__ = ["RedisClusterLedger"]
 
 logger = logging.getLogger("budget_middleware")
-
-Call = tuple[str, list[str], list[Any]]
-
-# Errors that mean "the cluster (or part of it) cannot answer now". A RedisClusterException is
-# raised for topology problems (no reachable startup node, a slot no node serves): this ledger never
-# sends a cross-slot call, so it is an availability problem too.
-_UNAVAILABLE = (
-    rexc.ConnectionError,
-    rexc.TimeoutError,
-    rexc.ClusterDownError,
-    rexc.TryAgainError,
-    rexc.RedisClusterException,
-    OSError,
-    asyncio.TimeoutError,
-)
-_ERRORS = (rexc.RedisError, rexc.RedisClusterException, OSError, asyncio.TimeoutError)
-
-
-def _wrap(exc: BaseException) -> LedgerError:
-    if isinstance(exc, LedgerError):
-        return exc
-    if isinstance(exc, _UNAVAILABLE):
-        return LedgerUnavailable(f"redis cluster unavailable: {type(exc).__name__}: {exc}")
-    return LedgerError(f"redis error: {type(exc).__name__}: {exc}")
-
-
-# -- the ledger -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -132,9 +106,6 @@ class RedisClusterLedger(RedisLedger):
         self._state_key: tuple[int, int] | None = None
         self._loop_state: _LoopState | None = None
 
-    def __repr__(self) -> str:
-        return f"RedisClusterLedger({redact_url(self.url) if self.url else 'client'!r})"
-
     # -- connection ----------------------------------------------------------------------------
 
     def _connect(self) -> aioredis.Redis:
@@ -172,7 +143,7 @@ class RedisClusterLedger(RedisLedger):
             replies = await self.cluster().config_get(
                 "maxmemory-policy", target_nodes=RedisCluster.PRIMARIES
             )
-        except _ERRORS as exc:
+        except CLUSTER_ERRORS as exc:
             logger.warning(
                 "budget: could not read maxmemory-policy of the cluster's primaries (%s); they must "
                 "run with maxmemory-policy noeviction or budgets can be evicted and reset",
@@ -197,22 +168,9 @@ class RedisClusterLedger(RedisLedger):
 
     # -- script calls: pipelined per primary, primaries concurrently -----------------------------
 
-    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        (reply,) = await self._run([(name, keys, args)], wait=False)
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
-
-    async def _eval_many(self, calls: list[Call], *, wait: bool = True) -> list[Any]:
-        return await self._run(calls, wait=wait and bool(self.wait_replicas))
-
-    async def _run(self, calls: list[Call], *, wait: bool) -> list[Any]:
+    async def _send(self, calls: list[Call], wait: bool) -> list[Any]:
         """One result (or ``LedgerError``) per call; every call must touch one slot."""
-        if not calls:
-            return []
         client = self.cluster()
-        if not self._checked:
-            await self.check()
         async with self._state().gate:
             try:
                 await client.initialize()  # a no-op once the slots are known
@@ -224,8 +182,8 @@ class RedisClusterLedger(RedisLedger):
                             f"no node serves key {keys[0]!r}"
                         )
                     by_node.setdefault(node.name, (node, []))[1].append(i)
-            except _ERRORS as exc:
-                raise _wrap(exc) from exc
+            except CLUSTER_ERRORS as exc:
+                raise wrap_cluster(exc) from exc
             groups = list(by_node.values())
             replies = await asyncio.gather(
                 *(self._run_on(client, node, [calls[i] for i in idx], wait) for node, idx in groups),
@@ -237,7 +195,7 @@ class RedisClusterLedger(RedisLedger):
                 if not isinstance(reply, Exception):
                     raise reply
                 for i in idx:
-                    results[i] = _wrap(reply)
+                    results[i] = wrap_cluster(reply)
             else:
                 for i, result in zip(idx, reply, strict=True):
                     results[i] = result
@@ -246,58 +204,9 @@ class RedisClusterLedger(RedisLedger):
     async def _run_on(
         self, client: RedisCluster, node: ClusterNode, calls: list[Call], wait: bool
     ) -> list[Any]:
-        """The calls whose slots ``node`` serves, in one pipeline (redirections are followed)."""
-        results: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in (0, 1):
-            # ClusterPipeline refuses pipe.evalsha() but routes EVALSHA by its keys.
-            pipe = client.pipeline(transaction=False)
-            for i in todo:
-                name, keys, args = calls[i]
-                pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
-            if wait:
-                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node)
-            try:
-                replies = await pipe.execute(raise_on_error=False)
-            except _ERRORS as exc:
-                raise _wrap(exc) from exc
-            if wait:
-                acked = replies.pop()
-                if isinstance(acked, BaseException):
-                    raise _wrap(acked) from acked
-                if int(acked) < self.wait_replicas:
-                    raise LedgerUnavailable(
-                        f"only {acked} of {self.wait_replicas} replicas of {node.name} "
-                        "acknowledged the batch"
-                    )
-            missing = []
-            for i, reply in zip(todo, replies, strict=True):
-                if attempt == 0 and isinstance(reply, rexc.NoScriptError):
-                    missing.append(i)
-                else:
-                    results[i] = _wrap(reply) if isinstance(reply, BaseException) else reply
-            if not missing:
-                break
-            await self._load_scripts(client, [calls[i] for i in missing])
-            todo = missing
-        return results
-
-    async def _load_scripts(self, client: RedisCluster, calls: list[Call]) -> None:
-        """SCRIPT LOAD on the node that now serves each call's slot (not on every primary: one
-        unreachable primary must not stop the others)."""
-        targets: dict[str, tuple[ClusterNode, set[str]]] = {}
-        try:
-            for name, keys, _ in calls:
-                node = client.get_node_from_key(keys[0])
-                if node is not None:
-                    targets.setdefault(node.name, (node, set()))[1].add(name)
-            for node, names in targets.values():
-                for name in sorted(names):
-                    await client.execute_command(
-                        "SCRIPT LOAD", self._scripts[name].source, target_nodes=node
-                    )
-        except _ERRORS as exc:
-            raise _wrap(exc) from exc
+        """The calls whose slots ``node`` serves, in one pipeline (and WAIT, when asked)."""
+        replicas = (self.wait_replicas, self.wait_timeout_ms) if wait else None
+        return await run_on_node(client, self._scripts, node, calls, replicas)
 
     # -- slots ---------------------------------------------------------------------------------
 
@@ -305,12 +214,13 @@ class RedisClusterLedger(RedisLedger):
         """The cluster slot of ``budget``'s keys."""
         return int(key_slot(self.layout.key(budget).encode()))
 
-    def _groups(self, budgets: Sequence[Budget]) -> list[list[int]]:
-        """Indices of ``budgets`` grouped by slot, groups in order of first appearance."""
+    def _split(self, holds: Sequence[HeldBudget | HoldRequest]) -> list[list[int]] | None:
+        """Indices of ``holds`` grouped by slot, groups in order of first appearance; None when
+        they all live in one slot (one call)."""
         groups: dict[int, list[int]] = {}
-        for i, b in enumerate(budgets):
-            groups.setdefault(self.slot(b), []).append(i)
-        return list(groups.values())
+        for i, h in enumerate(holds):
+            groups.setdefault(self.slot(h.budget), []).append(i)
+        return list(groups.values()) if len(groups) > 1 else None
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -320,8 +230,8 @@ class RedisClusterLedger(RedisLedger):
         if not holds:
             raise ValueError("reserve needs at least one hold")
         check_lease(lease_ms, self.horizon_ms)
-        groups = self._groups([h.budget for h in holds])
-        if len(groups) == 1:
+        groups = self._split(holds)
+        if groups is None:
             return await super().reserve(reservation_id, holds, lease_ms)
         # The tightest limit first, then by slot: one order for every request, so concurrent
         # requests meet on the budget most likely to refuse before holding anything elsewhere
@@ -391,8 +301,7 @@ class RedisClusterLedger(RedisLedger):
                 continue  # best effort: the refusing group's violations are the answer
             amount = holds[i].amount
             purged += u.purged
-            # The admission rule of reserve.lua: room left, and room for the whole amount.
-            if not (u.limit - u.spent - u.held > 0 and u.spent + u.held + amount <= u.limit):
+            if not admits(u.limit, u.spent, u.held, amount):
                 found[i] = Violation(
                     holds[i].budget, u.limit, u.spent, u.held, amount, u.reset_ms, u.now_ms
                 )
@@ -469,38 +378,14 @@ class RedisClusterLedger(RedisLedger):
         task.add_done_callback(self._flushes.discard)
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> list[Settled]:
-        """Settle a batch; a settlement spanning several slots is one call per slot.
+        """Settle a batch; a settlement spanning several slots is one call per slot, and settles of
+        the same such reservation in this process go one after another (``_one_at_a_time``).
 
         Raises if any call failed (every call is idempotent: retry the batch).
         """
-        parts: list[Settlement] = []
-        plan: list[list[tuple[int, list[int]]]] = []
-        multi: set[str] = set()
-        for s in settlements:
-            groups = self._groups([hb.budget for hb in s.holds])
-            if len(groups) <= 1:
-                plan.append([(len(parts), list(range(len(s.holds))))])
-                parts.append(s)
-                continue
-            multi.add(s.reservation_id)
-            entry = []
-            for g in groups:
-                entry.append((len(parts), g))
-                parts.append(replace(s, holds=tuple(s.holds[i] for i in g)))
-            plan.append(entry)
+        multi = {s.reservation_id for s in settlements if self._split(s.holds) is not None}
         async with self._one_at_a_time(multi):
-            settled = await super().settle_many(parts)
-        out: list[Settled] = []
-        for s, entry in zip(settlements, plan, strict=True):
-            if len(entry) == 1:
-                out.append(settled[entry[0][0]])
-                continue
-            outcomes: list[SettleOutcome] = ["duplicate"] * len(s.holds)
-            for part, g in entry:
-                for i, outcome in zip(g, settled[part].outcomes, strict=True):
-                    outcomes[i] = outcome
-            out.append(Settled(s.reservation_id, tuple(outcomes)))
-        return out
+            return await super().settle_many(settlements)
 
     @contextlib.asynccontextmanager
     async def _one_at_a_time(self, reservation_ids: set[str]) -> AsyncIterator[None]:
@@ -527,18 +412,3 @@ class RedisClusterLedger(RedisLedger):
             for r in reservation_ids:
                 if state.settling.get(r) is mine:
                     del state.settling[r]
-
-    async def extend(self, reservations: Sequence[Reservation], lease_ms: int) -> Renewed:
-        """Renew leases; a reservation spanning several slots is one call per slot."""
-        parts = [
-            replace(r, holds=tuple(r.holds[i] for i in g))
-            for r in reservations
-            for g in self._groups([hb.budget for hb in r.holds])
-        ]
-        return await super().extend(parts, lease_ms)
-
-    async def set_limit(self, budget: Budget, limit: int | None) -> None:
-        try:
-            await super().set_limit(budget, limit)
-        except rexc.RedisClusterException as exc:
-            raise _wrap(exc) from exc

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,18 +21,19 @@ from redis.backoff import NoBackoff
 
 from ..amounts import check_micros
 from ..budgets import Budget, KeyLayout
+from ._replies import UsageStep, reserve_result, settled, usage_step
+from ._transport import Call, load_scripts, pack_command, pack_evalsha, round_trip, wrap
 from ._types import (
     HeldBudget,
     HoldRequest,
-    LedgerError,
     LedgerUnavailable,
     Rejection,
     Renewed,
     Reservation,
     Settled,
     Settlement,
+    SettleOutcome,
     Usage,
-    Violation,
     check_lease,
 )
 from .urls import check_redis_url, redact_url
@@ -46,101 +43,6 @@ __all__ = ["RedisLedger"]
 logger = logging.getLogger("budget_middleware")
 
 DAY_MS = 86_400_000
-_OUTCOMES: frozenset[str] = frozenset({"applied", "late", "recovered", "duplicate", "stale"})
-
-
-class _Script:
-    __slots__ = ("head", "name", "sha", "source")
-
-    def __init__(self, name: str, prelude: str, helpers: str) -> None:
-        body = resources.files(__package__).joinpath(f"lua/{name}.lua").read_text("utf-8")
-        self.name = name
-        self.source = prelude + "\n" + _include_helpers(body, helpers)
-        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
-        self.head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode() + b"\r\n"
-
-
-def _bulk(value: str | int) -> bytes:
-    data = value.encode() if isinstance(value, str) else b"%d" % value
-    return b"$%d\r\n%b\r\n" % (len(data), data)
-
-
-def pack_command(*args: str | int) -> bytes:
-    return b"*%d\r\n" % len(args) + b"".join(map(_bulk, args))
-
-
-def pack_evalsha(script: _Script, keys: list[str], args: list[Any]) -> bytes:
-    """One EVALSHA in the Redis protocol (RESP). Our arguments are only ``str`` and ``int``.
-
-    Keys, ids and numbers are ASCII (keys are sanitised, ids hex), so the bulk strings are built
-    as text and encoded once, where a character counts one byte; anything else is packed per value.
-    """
-    body = "".join([f"${len(v)}\r\n{v}\r\n" for v in map(str, (*keys, *args))])
-    body_bytes = body.encode() if body.isascii() else b"".join(map(_bulk, (*keys, *args)))
-    return b"*%d\r\n%b%b%b" % (3 + len(keys) + len(args), script.head, _bulk(len(keys)), body_bytes)
-
-
-_INCLUDE_HELPERS = "-- #include _helpers.lua\n"
-
-
-def _include_helpers(body: str, helpers: str) -> str:
-    """``body`` with the helper functions where its include line is, or before it all."""
-    if body.count(_INCLUDE_HELPERS) > 1:
-        raise ValueError("a script includes its helpers once")
-    if _INCLUDE_HELPERS in body:
-        return body.replace(_INCLUDE_HELPERS, helpers)
-    return helpers + "\n" + body
-
-
-def _load_scripts() -> dict[str, _Script]:
-    lua = resources.files(__package__).joinpath("lua")
-    prelude = lua.joinpath("_common.lua").read_text("utf-8")
-    helpers = lua.joinpath("_helpers.lua").read_text("utf-8")
-    names = ("reserve", "settle", "extend", "usage", "reset", "limit")
-    return {n: _Script(n, prelude, helpers) for n in names}
-
-
-def _common_reserve_result(
-    reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int, reply: str
-) -> Reservation | Rejection:
-    """The reply of one budget's common case (reserve.lua): a string of what the script read,
-    '<status> <TIME s> <TIME us> <limit override or -> <held> <spent> <epoch>', from which the
-    limit and what remains are worked out as the script did (the epoch holds a reservation id,
-    which may be any string: it comes last)."""
-    try:
-        (h,) = holds
-        status, seconds, micros, override, held_text, spent_text, epoch = reply.split(" ", 6)
-        now = int(seconds) * 1000 + int(micros) // 1000
-        limit = h.limit if override == "-" else int(override)
-        held, spent = max(0, int(held_text)), int(spent_text)
-    except ValueError:
-        raise LedgerError(f"unexpected reserve reply {reply!r}") from None
-    budget = h.budget
-    window = budget.window_of(now)
-    if status == "0":
-        violation = Violation(budget, limit, spent, held, h.amount, budget.reset_ms(window), now)
-        return Rejection(reservation_id, (violation,), 0, ())
-    remaining = limit - spent - held - h.amount
-    hold = HeldBudget(budget, h.amount, window, epoch, limit, remaining, budget.reset_ms(window), now)
-    return Reservation(reservation_id, (hold,), lease_ms, now, 0, (), False)
-
-
-@dataclass(slots=True)
-class _UsageStep:
-    """One call of usage.lua: the budget's state (``holds`` the live holds of this call's batch),
-    whether a purge pass is still under way, and the count's next cursor ('' for no count)."""
-
-    usage: Usage
-    under_way: bool
-    cursor: str
-
-
-def _wrap(exc: BaseException) -> LedgerError:
-    if isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError)):
-        return LedgerUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}")
-    if isinstance(exc, (rexc.ClusterDownError, rexc.TryAgainError, rexc.ReadOnlyError)):
-        return LedgerUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}")
-    return LedgerError(f"redis error: {type(exc).__name__}: {exc}")
 
 
 class RedisLedger:
@@ -176,12 +78,12 @@ class RedisLedger:
         self._own_client = client is None
         self._client = client
         self._client_key: tuple[int, int] | None = None if client is None else (os.getpid(), 0)
-        self._scripts = _load_scripts()
+        self._scripts = load_scripts()
         self._checked = False
         self.coalesce = coalesce
         self._key_cache: dict[Budget, str] = {}
         self.max_connections = max_connections
-        self._reserve_queue: list[tuple[tuple[str, list[str], list[Any]], asyncio.Future[Any]]] = []
+        self._reserve_queue: list[tuple[Call, asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -247,22 +149,22 @@ class RedisLedger:
             raise reply
         return reply
 
-    async def _eval_many(
-        self, calls: list[tuple[str, list[str], list[Any]]], *, wait: bool = True
-    ) -> list[Any]:
-        """Many script calls in one pipelined round trip (EVALSHA directly: no SCRIPT EXISTS).
-
-        On NOSCRIPT (a restart or failover emptied the script cache) the scripts are loaded and
-        only the calls that did not run are sent again. With ``wait_replicas`` set, the batch also
-        waits for that many replicas (``WAIT``) unless ``wait`` is false. Returns one result or
-        exception per call.
-        """
-        wait = wait and self.wait_replicas > 0
+    async def _eval_many(self, calls: list[Call], *, wait: bool = True) -> list[Any]:
+        """Many script calls in as few round trips as the store allows (EVALSHA directly: no SCRIPT
+        EXISTS). With ``wait_replicas`` set, the batch also waits for that many replicas
+        (``WAIT``) unless ``wait`` is false. Returns one result or ``LedgerError`` per call."""
         if not calls:
             return []
-        client = self.client()
+        self.client()  # this loop's client: a new one is checked again
         if not self._checked:
             await self.check()
+        return await self._send(calls, wait and self.wait_replicas > 0)
+
+    # -- the hooks where the stores differ (RedisClusterLedger overrides them) -------------------
+
+    async def _send(self, calls: list[Call], wait: bool) -> list[Any]:
+        """The calls in one pipelined round trip. On NOSCRIPT (a restart or failover emptied the
+        script cache) the scripts are loaded and only the calls that did not run are sent again."""
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in (0, 1):
@@ -278,65 +180,32 @@ class RedisLedger:
                 if attempt == 0 and isinstance(reply, rexc.NoScriptError):
                     missing.append(i)
                 else:
-                    results[i] = _wrap(reply) if isinstance(reply, BaseException) else reply
+                    results[i] = wrap(reply) if isinstance(reply, BaseException) else reply
             if not missing:
                 break
             try:
                 for name in {calls[i][0] for i in missing}:
-                    await client.script_load(self._scripts[name].source)
+                    await self.client().script_load(self._scripts[name].source)
             except (rexc.RedisError, OSError) as exc:
-                raise _wrap(exc) from exc
+                raise wrap(exc) from exc
             todo = missing
         return results
 
-    async def _pipeline(self, calls: list[tuple[str, list[str], list[Any]]], *, wait: bool) -> list[Any]:
-        """Writes the calls (and WAIT, when asked) as one packed buffer on one pooled connection,
-        then reads a reply or error per command.
+    def _split(self, holds: Sequence[HeldBudget | HoldRequest]) -> list[list[int]] | None:
+        """How the budgets of ``holds`` must be split across script calls: None for one call (every
+        budget of a standalone Redis is in reach of one script), else the indices of each part."""
+        return None
 
-        This is what redis-py's pipeline does, without building a command object per call: the
+    async def _pipeline(self, calls: list[Call], *, wait: bool) -> list[Any]:
+        """The calls (and WAIT, when asked) in one round trip on one pooled connection: the
         request path sends one of these per batch of reserves, the finalizer one per batch of
-        settlements. Failures are retried as the connection's retry policy says (for a client made
-        from a URL: once, on a fresh connection, when the pooled one had gone stale); every script
-        is idempotent, so a batch that ran before its connection broke runs again harmlessly.
-        """
+        settlements."""
         payload = b"".join([pack_evalsha(self._scripts[n], k, a) for n, k, a in calls])
         count = len(calls)
         if wait:
             payload += pack_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             count += 1
-        pool = self.client().connection_pool
-        try:
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        except (rexc.RedisError, OSError) as exc:
-            raise _wrap(exc) from exc
-
-        async def round_trip() -> list[Any]:
-            # One deadline for the whole batch instead of a timer per reply.
-            async with asyncio.timeout(conn.socket_timeout):
-                await conn.send_packed_command(payload)
-                replies: list[Any] = []
-                for _ in range(count):
-                    try:
-                        replies.append(await conn.read_response(timeout=math.inf))
-                    except rexc.ResponseError as exc:
-                        replies.append(exc)
-                return replies
-
-        async def drop(_error: Exception) -> None:
-            await conn.disconnect()
-
-        try:
-            replies: list[Any] = await conn.retry.call_with_retry(round_trip, drop)
-            return replies
-        except (rexc.RedisError, OSError) as exc:
-            await conn.disconnect()
-            raise _wrap(exc) from exc
-        except BaseException:
-            # Cancelled mid-batch: replies may be left unread, so the connection is not reused.
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(conn)
+        return await round_trip(self.client().connection_pool, payload, count)
 
     def _key(self, budget: Budget) -> str:
         """The budget's hash (cached: budgets repeat across requests)."""
@@ -349,57 +218,13 @@ class RedisLedger:
 
     # -- operations ----------------------------------------------------------------------------
 
-    def _reserve_call(
-        self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
-    ) -> tuple[str, list[str], list[Any]]:
+    def _reserve_call(self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int) -> Call:
         keys: list[str] = []
         args: list[Any] = ["h:" + reservation_id, lease_ms, self.horizon_ms]
         for h in holds:
             keys.append(self._key(h.budget))
             args += [h.budget.period_ms, h.limit, h.amount]
         return "reserve", keys, args
-
-    def _reserve_result(
-        self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int, reply: Any
-    ) -> Reservation | Rejection:
-        if isinstance(reply, str):
-            return _common_reserve_result(reservation_id, holds, lease_ms, reply)
-        # One flat array: status, now, k, k expired ids, then a row per budget (reserve.lua).
-        status, now, k = int(reply[0]), int(reply[1]), int(reply[2])
-        expired = tuple(str(x) for x in reply[3 : 3 + k])
-        width = 4 if status == 0 else 3
-        rows = [reply[i : i + width] for i in range(3 + k, len(reply), width)]
-        if len(rows) != len(holds):
-            raise LedgerError(f"unexpected reserve reply {reply!r}")
-        if status == 0:
-            violations = tuple(
-                Violation(
-                    h.budget,
-                    int(limit),
-                    int(spent),
-                    int(held),
-                    h.amount,
-                    h.budget.reset_ms(h.budget.window_of(now)),
-                    now,
-                )
-                for h, (limit, spent, held, ok) in zip(holds, rows, strict=True)
-                if not ok
-            )
-            return Rejection(reservation_id, violations, k, expired)
-        held = tuple(
-            HeldBudget(
-                h.budget,
-                h.amount,
-                window := h.budget.window_of(now),
-                str(epoch),
-                int(limit),
-                int(remaining),
-                h.budget.reset_ms(window),
-                now,
-            )
-            for h, (epoch, limit, remaining) in zip(holds, rows, strict=True)
-        )
-        return Reservation(reservation_id, held, lease_ms, now, k, expired, status == 2)
 
     async def reserve(
         self, reservation_id: str, holds: Sequence[HoldRequest], lease_ms: int
@@ -412,9 +237,9 @@ class RedisLedger:
             reply = await self._coalesced(call)
         else:
             reply = await self._eval(*call)
-        return self._reserve_result(reservation_id, holds, lease_ms, reply)
+        return reserve_result(reservation_id, holds, lease_ms, reply)
 
-    async def _coalesced(self, call: tuple[str, list[str], list[Any]]) -> Any:
+    async def _coalesced(self, call: Call) -> Any:
         """Reserves made in one event-loop turn go out together in one pipelined round trip.
 
         Each stays its own atomic script. A caller cancelled while waiting leaves its script to
@@ -452,51 +277,69 @@ class RedisLedger:
             else:
                 future.set_result(reply)
 
-    def _settle_call(self, s: Settlement) -> tuple[str, list[str], list[Any]]:
+    def _settle_call(self, s: Settlement, holds: Sequence[HeldBudget] | None = None) -> Call:
+        """The settle of ``s``, or of ``holds``, a part of its holds."""
         keys: list[str] = []
         args: list[Any] = [
             "h:" + s.reservation_id,
             s.actual,
             self.horizon_ms,
         ]
-        for hb in s.holds:
+        for hb in s.holds if holds is None else holds:
             keys.append(self._key(hb.budget))
             spent_field = f"s:{hb.window}" if hb.window >= 0 else ""
             args += [spent_field, hb.epoch, hb.budget.period_ms, hb.reserved_ms]
         return "settle", keys, args
-
-    @staticmethod
-    def _settled(s: Settlement, reply: Any) -> Settled:
-        outcomes = tuple(str(reply).split(" "))
-        if not all(o in _OUTCOMES for o in outcomes):
-            raise LedgerError(f"unexpected settle reply {reply!r}")
-        return Settled(s.reservation_id, outcomes)  # type: ignore[arg-type]
 
     async def settle(self, settlement: Settlement) -> Settled:
         (result,) = await self.settle_many([settlement])
         return result
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> list[Settled]:
-        """Settle a batch in one round trip. Raises if any settle failed (all are idempotent)."""
-        calls = [self._settle_call(s) for s in settlements if s.holds]
-        replies = iter(await self._eval_many(calls))
-        out: list[Settled] = []
+        """Settle a batch in one round trip; a settlement whose budgets the store splits is one call
+        per part. Raises if any call failed (every call is idempotent: retry the batch)."""
+        calls: list[Call] = []
+        # Per settlement: its parts, (call index, indices of its holds or None for all of them).
+        plan: list[list[tuple[int, list[int] | None]]] = []
         for s in settlements:
             if not s.holds:
-                out.append(Settled(s.reservation_id, ()))
+                plan.append([])
                 continue
-            reply = next(replies)
+            groups = self._split(s.holds)
+            if groups is None:
+                plan.append([(len(calls), None)])
+                calls.append(self._settle_call(s))
+                continue
+            plan.append([(len(calls) + n, g) for n, g in enumerate(groups)])
+            calls += [self._settle_call(s, [s.holds[i] for i in g]) for g in groups]
+        replies = await self._eval_many(calls)
+        for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply
-            out.append(self._settled(s, reply))
+        out: list[Settled] = []
+        for s, parts in zip(settlements, plan, strict=True):
+            if len(parts) == 1 and parts[0][1] is None:
+                out.append(settled(s, replies[parts[0][0]]))
+                continue
+            outcomes: list[SettleOutcome] = ["duplicate"] * len(s.holds)
+            for call, group in parts:
+                assert group is not None
+                for i, outcome in zip(group, settled(s, replies[call]).outcomes, strict=True):
+                    outcomes[i] = outcome
+            out.append(Settled(s.reservation_id, tuple(outcomes)))
         return out
 
     async def extend(self, reservations: Sequence[Reservation], lease_ms: int) -> Renewed:
+        """Renew leases; a reservation whose budgets the store splits is one call per part."""
         check_lease(lease_ms, self.horizon_ms)
-        calls: list[tuple[str, list[str], list[Any]]] = []
+        calls: list[Call] = []
         for r in reservations:
-            keys = [self._key(hb.budget) for hb in r.holds]
-            if keys:
+            if not r.holds:
+                continue
+            groups = self._split(r.holds)
+            parts = [r.holds] if groups is None else [[r.holds[i] for i in g] for g in groups]
+            for part in parts:
+                keys = [self._key(hb.budget) for hb in part]
                 calls.append(("extend", keys, [r.id, lease_ms, self.horizon_ms]))
         renewed = reheld = missing = 0
         for reply in await self._eval_many(calls):
@@ -507,28 +350,11 @@ class RedisLedger:
             missing += int(reply[2])
         return Renewed(renewed, reheld, missing)
 
-    async def _usage_step(self, budget: Budget, limit: int, count_from: str) -> _UsageStep:
+    async def _usage_step(self, budget: Budget, limit: int, count_from: str) -> UsageStep:
         """One call of usage.lua: a step of the purge pass when one is due, then (unless
         ``count_from`` is '') one batch of the count of live holds from that HSCAN cursor."""
         args = [budget.period_ms, limit, self.horizon_ms, count_from]
-        reply = await self._eval("usage", [self._key(budget)], args)
-        try:
-            now, window, eff_limit, spent, held, purged, under_way, live, cursor = reply
-            window = int(window)
-            usage = Usage(
-                budget,
-                int(eff_limit),
-                int(spent),
-                int(held),
-                int(live),
-                window,
-                budget.reset_ms(window),
-                int(now),
-                int(purged),
-            )
-        except (TypeError, ValueError):
-            raise LedgerError(f"unexpected usage reply {reply!r}") from None
-        return _UsageStep(usage, bool(int(under_way)), str(cursor))
+        return usage_step(budget, await self._eval("usage", [self._key(budget)], args))
 
     async def usage(self, budget: Budget, limit: int) -> Usage:
         """The budget's state after the purge pass under way (or due) has run to its end, with its
