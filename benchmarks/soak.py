@@ -7,7 +7,8 @@ than the lease, raising, over budget) from ``--concurrency`` clients, and fault 
 ``--cycle`` seconds: SIGKILL a replica with streams in flight, SIGKILL and restart Redis on its AOF,
 SIGTERM a replica, SIGKILL a replica during a Redis outage, force a uvicorn replica's shutdown (a
 second SIGINT 0.3 s after the first, streams in flight), SIGTERM a replica during a Redis outage
-while its settlements are being journaled (each replica restarted at once). Then, unless
+while its settlements are being journaled, force a uvicorn replica's shutdown during a Redis outage
+(each replica restarted at once). Then, unless
 ``--empty-runs 0``, a short run per empty restart: Redis killed and started EMPTY while requests are
 in flight, whose settlements must land exactly once.
 
@@ -125,7 +126,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20_000, help="target request count (main run)")
     parser.add_argument("--journal", action="store_true", help="BUDGET_JOURNAL per replica")
     parser.add_argument("--concurrency", type=int, default=96, help="concurrent clients")
-    parser.add_argument("--cycle", type=float, default=24.0, help="seconds per cycle of the 6 faults")
+    parser.add_argument("--cycle", type=float, default=32.0, help="seconds per cycle of the 7 faults")
     parser.add_argument("--lease", type=float, default=1.0, help="BUDGET_LEASE in seconds")
     parser.add_argument("--outage", type=float, default=0.3, help="least seconds Redis stays down")
     parser.add_argument("--empty-runs", type=int, default=1, help="short runs with an empty restart")

@@ -24,6 +24,10 @@ Faults (``FaultStep``), each at a time into the load:
                        it. Only on uvicorn: hypercorn's handler of SIGINT sets one shutdown event,
                        so its second SIGINT does nothing and the fault would be a graceful shutdown
                        again (``sigterm``): a hypercorn replica scheduled for it fails the fault.
+    forced-in-outage   the same forced shutdown of a uvicorn replica while redis-server is down
+                       (SIGKILLed, 503s seen): its drain cannot apply, what it holds must reach
+                       the journal (or, without one, be logged as lost); Redis is restarted on its
+                       AOF, then the replica (it replays its journal)
     sigterm-in-outage  SIGKILL redis-server while the load runs, wait until the replica journals
                        the settlements it cannot apply (its journal's unapplied count grows twice;
                        without a journal: a request it finished in the outage), SIGTERM it with
@@ -77,6 +81,7 @@ from servers import ServerProcess, expected_spent, read_truth
 from .load import DEFAULT_MIX, EST, SLOW_KINDS, LoadDriver, RawStream
 from .procs import ChaosRedis, Replica, logged_losses
 from .report import (
+    FORCED_KINDS,
     GRACE_503_S,
     HANDOVER_KINDS,
     TIGHT_KINDS,
@@ -109,6 +114,7 @@ FAULT_CYCLE = (
     "sigkill-in-outage",
     "forced-shutdown",
     "sigterm-in-outage",
+    "forced-in-outage",
 )
 PREFIX = "chaos"
 USER_LIMIT = "1000000"
@@ -494,6 +500,24 @@ class ChaosRun:
         self._after_handover(replica, pid, rec)
         await asyncio.to_thread(replica.start)
 
+    async def _fault_forced_in_outage(self, step: FaultStep, rec: FaultRecord) -> None:
+        replica = self.replicas[step.replica]
+        if replica.kind != "uvicorn":
+            raise ValueError(f"a second SIGINT forces no exit on {replica.kind}, only on uvicorn")
+        streams = await self._open_cut_streams(replica, CUT_PATH_OUTAGE)
+        try:
+            t_down = await self._redis_down(rec)
+            rec.detail["503_ready"] = await self._wait_503(t_down)
+            pid = rec.detail["pid"] = replica.pid
+            exit_at = time.monotonic()
+            rec.detail["exit_code"] = await asyncio.to_thread(replica.force_stop, FORCED_GAP_S)
+            rec.detail["exit_s"] = round(time.monotonic() - exit_at, 2)
+        finally:
+            await self._close_cut_streams(streams)
+        self._after_handover(replica, pid, rec)
+        await self._redis_up(rec, t_down)
+        await asyncio.to_thread(replica.start)
+
     async def _fault_sigterm_in_outage(self, step: FaultStep, rec: FaultRecord) -> None:
         assert self.load is not None
         load, replica = self.load, self.replicas[step.replica]
@@ -751,11 +775,11 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
 def default_faults(
     duration_s: float, replicas: int, *, cycles: int = 1, servers: Sequence[str] = ()
 ) -> tuple[FaultStep, ...]:
-    """``cycles`` rounds of sigkill, redis-restart, sigterm, sigkill-in-outage, forced-shutdown and
-    sigterm-in-outage, spread evenly over the load (the last step well before its end), rotating
-    over the replicas (one further each round). ``servers`` (the replicas' server kinds) sends the
-    forced shutdowns to uvicorn replicas only: it forces no exit elsewhere (see the module
-    docstring); without it, or without a uvicorn replica, no forced shutdown is scheduled."""
+    """``cycles`` rounds of the faults of ``FAULT_CYCLE``, spread evenly over the load (the last
+    step well before its end), rotating over the replicas (one further each round). ``servers``
+    (the replicas' server kinds) sends the forced shutdowns to uvicorn replicas only: they force no
+    exit elsewhere (see the module docstring); without it, or without a uvicorn replica, no forced
+    shutdown is scheduled."""
     kinds = FAULT_CYCLE
     uvicorn = [i for i, kind in enumerate(servers) if kind == "uvicorn"]
     steps = []
@@ -764,7 +788,7 @@ def default_faults(
     for i in range(n):
         kind = kinds[i % len(kinds)]
         replica = (i + i // len(kinds)) % replicas
-        if kind == "forced-shutdown":
+        if kind in FORCED_KINDS:
             if not uvicorn:
                 continue
             # The rotation's replica if it runs uvicorn, else the next one that does.

@@ -15,6 +15,7 @@ from .procs import LoggedLoss
 
 __all__ = [
     "FAULT_KINDS",
+    "FORCED_KINDS",
     "GRACE_503_S",
     "HANDOVER_KINDS",
     "TIGHT_KINDS",
@@ -35,11 +36,13 @@ FAULT_KINDS = (
     "sigkill-in-outage",
     "forced-shutdown",
     "sigterm-in-outage",
+    "forced-in-outage",
     "redis-empty",
 )
 # The faults that stop a replica without SIGKILL while it cannot settle everything it holds: what
 # it neither applies nor journals, the package must log as lost (journal off), or lose nothing.
-HANDOVER_KINDS = ("forced-shutdown", "sigterm-in-outage")
+HANDOVER_KINDS = ("forced-shutdown", "sigterm-in-outage", "forced-in-outage")
+FORCED_KINDS = ("forced-shutdown", "forced-in-outage")  # a second SIGINT: uvicorn replicas only
 TIGHT_KINDS = ("tight", "broke")  # the load's kinds that go to the budgets of the small rule
 GRACE_503_S = 0.5  # a reserve sent just before Redis came back
 
@@ -83,8 +86,8 @@ class FaultRecord:
     ok: bool = False
     detail: dict[str, Any] = field(default_factory=dict)
     # sigkill-in-outage: requests the app finished while Redis was down (settlements queued), and
-    # the settlements in the replica's journal when it was killed; forced-shutdown and
-    # sigterm-in-outage: the settlements its journal held unapplied once the process had exited
+    # the settlements in the replica's journal when it was killed; HANDOVER_KINDS: the
+    # settlements its journal held unapplied once the process had exited
     # (its next start replays them: none may be lost)
     ended_rids: list[str] = field(default_factory=list)
     journaled_rids: list[str] = field(default_factory=list)
@@ -371,6 +374,7 @@ class ChaosReport:
         for kind, label in (
             ("forced-shutdown", "forced shutdown (double SIGINT) with streams in flight"),
             ("sigterm-in-outage", "SIGTERM during an outage, with settlements being journaled"),
+            ("forced-in-outage", "forced shutdown during an outage, with streams in flight"),
         ):
             done = [f for f in self.faults if f.kind == kind and f.ok]
             if not done:

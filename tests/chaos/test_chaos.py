@@ -1,8 +1,8 @@
 """Chaos, the fast variant for CI: a few hundred requests against three replicas (uvicorn, uvicorn,
 hypercorn) sharing one real ``redis-server`` with AOF, while replicas are SIGKILLed, SIGTERMed (also
 during a Redis outage, while their settlements are being journaled) and shut down by force (a
-second SIGINT, uvicorn), and Redis is killed and restarted (with its data, and, in a run of its own,
-empty).
+second SIGINT, uvicorn; also during an outage), and Redis is killed and restarted (with its data,
+and, in a run of its own, empty).
 
 Every check of ``report.ChaosReport.failures`` must pass: no hold leaked, ``spent`` equal to the
 apps' ground truth in micro-units except what SIGKILLed replicas had in flight (counted, and named by
@@ -50,8 +50,10 @@ from .report import FaultRecord
 
 pytestmark = [pytest.mark.servers, pytest.mark.redis]
 
-LOAD_S = 8.0
-REQUESTS = 280
+# The load goes on at this rate until the last fault is over, within twice REQUESTS: enough for
+# the seven faults of the cycle, each of them meeting load.
+LOAD_S = 16.0
+REQUESTS = 560
 CONCURRENCY = 20
 SERVERS = ("uvicorn", "uvicorn", "hypercorn")
 
@@ -111,8 +113,13 @@ async def test_under_faults_every_settlement_lands_once_but_what_sigkill_took(
     in_outage = [x for x in report.lost if x.pid == stopped.detail["pid"]]
     assert in_outage, "a SIGTERM during an outage lost nothing without a journal: the check is blind"
     assert report.logged_lost[stopped.detail["pid"]].count == len(in_outage)
+    # So does a forced shutdown during an outage: its drain cannot apply either.
+    (forced_down,) = faults(report, "forced-in-outage")
+    assert forced_down.detail["requests_cut"] > 0, forced_down.detail
+    assert report.logged_lost[forced_down.detail["pid"]].count > 0
     # Nothing else was lost but by a SIGKILL.
-    assert {x.pid for x in report.stray_lost} == {stopped.detail["pid"]}
+    shut = {stopped.detail["pid"], forced_down.detail["pid"]}
+    assert {x.pid for x in report.stray_lost} == shut
 
 
 async def test_with_the_journal_a_sigkill_loses_only_what_was_never_journaled(tmp_path: Path) -> None:
@@ -128,16 +135,20 @@ async def test_with_the_journal_a_sigkill_loses_only_what_was_never_journaled(tm
     lost = {x.rid for x in report.lost}
     assert not journaled & lost, f"journaled settlements lost: {journaled & lost}"
     assert all(x.killed for x in report.lost)
-    # A forced shutdown and a SIGTERM during an outage (while settlements were being journaled)
-    # cut streams off and lose nothing: what they could not apply they left in the journal, and
-    # the next start replayed it.
+    # A forced shutdown, a SIGTERM during an outage (while settlements were being journaled) and
+    # a forced shutdown during an outage cut streams off and lose nothing: what they could not
+    # apply they left in the journal, and the next start replayed it.
     (forced,) = faults(report, "forced-shutdown")
     assert forced.detail["requests_cut"] > 0, forced.detail
     (stopped,) = faults(report, "sigterm-in-outage")
     assert stopped.detail["requests_cut"] > 0, stopped.detail
     assert stopped.journaled_rids, "the SIGTERM during the outage left nothing in the journal"
-    assert report.journal_replayed >= len(journaled) + len(stopped.journaled_rids)
-    shut = {forced.detail["pid"], stopped.detail["pid"]}
+    (forced_down,) = faults(report, "forced-in-outage")
+    assert forced_down.detail["requests_cut"] > 0, forced_down.detail
+    assert forced_down.journaled_rids, "the forced exit in an outage left nothing in the journal"
+    left = len(journaled) + len(stopped.journaled_rids) + len(forced_down.journaled_rids)
+    assert report.journal_replayed >= left
+    shut = {forced.detail["pid"], stopped.detail["pid"], forced_down.detail["pid"]}
     assert not [x for x in report.lost if x.pid in shut]
     assert not report.logged_lost
 
