@@ -87,8 +87,8 @@ class FaultRecord:
     detail: dict[str, Any] = field(default_factory=dict)
     # sigkill-in-outage: requests the app finished while Redis was down (settlements queued), and
     # the settlements in the replica's journal when it was killed; HANDOVER_KINDS: the
-    # settlements its journal held unapplied once the process had exited
-    # (its next start replays them: none may be lost)
+    # settlements its journal held unapplied once the process had exited (its next start replays
+    # them: none may be lost)
     ended_rids: list[str] = field(default_factory=list)
     journaled_rids: list[str] = field(default_factory=list)
 
@@ -162,8 +162,7 @@ class ChaosReport:
     never_ran: list[str] = field(default_factory=list)
     truth_requests: int = 0
     killed_pids: list[int] = field(default_factory=list)
-    # Per pid that was not SIGKILLed, what its log says it lost (only pids with a "lost" line, or
-    # with a counted loss).
+    # Per pid that was not SIGKILLed and wrote a "lost" line, what its log says it lost.
     logged_lost: dict[int, LoggedLoss] = field(default_factory=dict)
     flight_rids: list[str] = field(default_factory=list)
     recovered: int = 0
@@ -272,9 +271,13 @@ class ChaosReport:
                 out.append(f"settlements logged as lost with the journal on: {logged}")
         else:
             # Without a journal a process stopped while it cannot apply (Redis down, or a forced
-            # exit cut its drain short) loses what it holds: exactly what it logged as lost.
+            # exit cut its drain short) loses what it holds: exactly what it logged as lost. A
+            # graceful shutdown with Redis up (sigterm, the end of the run) loses nothing.
             for why in self.logged_mismatch().values():
                 out.append(f"a loss of a process not SIGKILLed differs from its log: {why}")
+            graceful = [x for x in stray if not x.handover]
+            if graceful:
+                out.append(f"settlements lost by a graceful shutdown with Redis up: {graceful}")
         lost_ids = {x.rid for x in self.lost}
         if not self.config.journal:
             # Only memory held these settlements when the replica was killed: none can have landed.
