@@ -5,13 +5,17 @@ One long run of replicas of ``tests/server_app.py`` (uvicorn, uvicorn, hypercorn
 ``--requests`` requests over ``--duration`` seconds (completed, streamed, abandoned mid-body, longer
 than the lease, raising, over budget) from ``--concurrency`` clients, and fault cycles every
 ``--cycle`` seconds: SIGKILL a replica with streams in flight, SIGKILL and restart Redis on its AOF,
-SIGTERM a replica, SIGKILL a replica during a Redis outage (each replica restarted at once). Then,
-unless ``--empty-runs 0``, a short run per empty restart: Redis killed and started EMPTY while
-requests are in flight, whose settlements must land exactly once.
+SIGTERM a replica, SIGKILL a replica during a Redis outage, force a uvicorn replica's shutdown (a
+second SIGINT 0.3 s after the first, streams in flight), SIGTERM a replica during a Redis outage
+while its settlements are being journaled, force a uvicorn replica's shutdown during a Redis outage
+(each replica restarted at once). Then, unless
+``--empty-runs 0``, a short run per empty restart: Redis killed and started EMPTY while requests are
+in flight, whose settlements must land exactly once.
 
 Prints, per run, requests by outcome, faults injected, leaked holds, the spend difference from the
 apps' ground truth outside the counted in-flight losses of SIGKILLed replicas (named by reservation
-id), and the max of spent + held - limit the sampler saw. Exit status 1 if a check failed.
+id; without ``--journal`` also what a replica stopped in an outage logged itself as lost), and the
+max of spent + held - limit the sampler saw. Exit status 1 if a check failed.
 
     .venv/bin/python benchmarks/soak.py --duration 240 --requests 20000
     .venv/bin/python benchmarks/soak.py --duration 240 --requests 20000 --journal
@@ -75,7 +79,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> list[ChaosReport]:
         concurrency=args.concurrency,
         lease_s=args.lease,
         journal=args.journal,
-        faults=default_faults(args.duration, len(kinds), cycles=cycles),
+        faults=default_faults(args.duration, len(kinds), cycles=cycles, servers=kinds),
         seed=args.seed,
         sleep_scale=args.sleep_scale,
         min_outage_s=args.outage,
@@ -115,7 +119,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20_000, help="target request count (main run)")
     parser.add_argument("--journal", action="store_true", help="BUDGET_JOURNAL per replica")
     parser.add_argument("--concurrency", type=int, default=96, help="concurrent clients")
-    parser.add_argument("--cycle", type=float, default=16.0, help="seconds per cycle of the 4 faults")
+    parser.add_argument("--cycle", type=float, default=32.0, help="seconds per cycle of the 7 faults")
     parser.add_argument("--lease", type=float, default=1.0, help="BUDGET_LEASE in seconds")
     parser.add_argument("--outage", type=float, default=0.3, help="least seconds Redis stays down")
     parser.add_argument("--empty-runs", type=int, default=1, help="short runs with an empty restart")

@@ -16,11 +16,23 @@ Faults (``FaultStep``), each at a time into the load:
     redis-restart      SIGKILL redis-server, wait for 503s (fail-closed), restart it on its AOF
     sigterm            SIGTERM a replica with streams in flight (graceful: its finalizer drains),
                        restart it
-    sigint-twice       SIGINT a replica with streams in flight and again 0.3 s later (a forced
-                       shutdown: uvicorn cancels everything, no lifespan shutdown); nothing it was
-                       handed may be lost: applied, or journaled and replayed at its restart
     sigkill-in-outage  SIGKILL redis-server, wait until a replica has settlements queued (with a
                        journal: in its journal), SIGKILL that replica, restart Redis, then it
+    forced-shutdown    SIGINT a uvicorn replica with streams in flight, and SIGINT it again 0.3 s
+                       later (an operator's second Ctrl-C: uvicorn stops waiting for the requests,
+                       skips the lifespan shutdown and ``asyncio.run`` cancels every task); restart
+                       it. Only on uvicorn: hypercorn's handler of SIGINT sets one shutdown event,
+                       so its second SIGINT does nothing and the fault would be a graceful shutdown
+                       again (``sigterm``): a hypercorn replica scheduled for it fails the fault.
+    forced-in-outage   the same forced shutdown of a uvicorn replica while redis-server is down
+                       (SIGKILLed, 503s seen): its drain cannot apply, what it holds must reach
+                       the journal (or, without one, be logged as lost); Redis is restarted on its
+                       AOF, then the replica (it replays its journal)
+    sigterm-in-outage  SIGKILL redis-server while the load runs, wait until the replica journals
+                       the settlements it cannot apply (its journal's unapplied count grows twice;
+                       without a journal: a request it finished in the outage), SIGTERM it with
+                       streams in flight (its drain cannot apply and shelves), restart Redis on
+                       its AOF, then the replica (it replays its journal)
     redis-empty        open streams on the ``flight-*`` entities, then SIGKILL redis-server and
                        start an EMPTY one on the same port (no AOF file) while they run
 
@@ -34,7 +46,12 @@ Checks (``report.ChaosReport.failures``), after the load and one lease:
   Those are read from the ledger itself: a hold that nobody settled expires into a tombstone
   (``<prefix>:{...}:expired``, kept for the 24 h horizon) and a late settlement removes it, so the
   tombstones left at the end name exactly the reservations whose settlement never came. Every one
-  must belong to a pid that was SIGKILLed;
+  must belong to a pid that was SIGKILLed, with one exception: without a journal, a process stopped
+  while it could not apply everything (SIGTERM in an outage; a forced shutdown whose drain was cut
+  short) loses what it held, and then its own log must say so: per pid, the tombstones of its
+  requests must equal, in number and in micro-units, the settlements its "lost" lines count
+  (``procs.logged_losses``). With a journal nothing may be lost there, and no "lost" line written;
+  the settlements its journal held after the exit must all land (replayed at its restart);
 - the sampler never saw ``spent + held > limit``, and ``spent`` never went down across a restart
   with AOF;
 - 503 only once Redis had been down (the ones after it was back are counted apart: a known bug,
@@ -51,7 +68,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +80,11 @@ from budget_middleware.ledger import id_time_ms
 from servers import ServerProcess, expected_spent, read_truth
 
 from .load import DEFAULT_MIX, EST, SLOW_KINDS, LoadDriver, RawStream
-from .procs import ChaosRedis, Replica
+from .procs import ChaosRedis, Replica, logged_losses
 from .report import (
+    FORCED_KINDS,
     GRACE_503_S,
+    HANDOVER_KINDS,
     TIGHT_KINDS,
     BudgetRow,
     ChaosConfig,
@@ -77,6 +96,7 @@ from .report import (
 )
 
 __all__ = [
+    "FAULT_CYCLE",
     "ChaosConfig",
     "ChaosReport",
     "FaultStep",
@@ -88,12 +108,26 @@ __all__ = [
     "wait_for",
 ]
 
+FAULT_CYCLE = (
+    "sigkill",
+    "redis-restart",
+    "sigterm",
+    "sigkill-in-outage",
+    "forced-shutdown",
+    "sigterm-in-outage",
+    "forced-in-outage",
+)
 PREFIX = "chaos"
 USER_LIMIT = "1000000"
 TIGHT_LIMIT = "3"
 TIGHT_ENTITIES = ("tight-a", "broke")
 FLIGHTS = 6  # requests in flight across an empty restart
 FLIGHT_PATH = "/stream?chunks=12&delay=0.25&cost=0.05"  # 3 s, 0.6 units
+FORCED_GAP_S = 0.3  # between the two SIGINTs of a forced shutdown
+CUTS = 2  # streams a forced or in-outage shutdown cuts off, on entities of their own
+CUT_PATH_FORCED = "/stream?chunks=100&delay=0.05&cost=0.005"  # 5 s, 0.5 units
+CUT_PATH_OUTAGE = "/stream?chunks=150&delay=0.1&cost=0.005"  # 15 s, 0.75 units
+ENDING_PATH = "/stream?chunks=10&delay=0.1&cost=0.01"  # 1 s: ends during the outage
 
 
 class Sampler:
@@ -255,6 +289,8 @@ class ChaosRun:
             mix = {k: v for k, v in mix.items() if k not in TIGHT_KINDS}
         self.mix = mix
         self.flight_entities = [f"flight-{i}" for i in range(FLIGHTS)] if self.empty_run else []
+        handovers = any(f.kind in HANDOVER_KINDS for f in config.faults)
+        self.cut_entities = [f"cut-{i}" for i in range(CUTS)] if handovers else []
         self.hasher = EntityHasher()
         self.layout = KeyLayout(PREFIX)
         self.report = ChaosReport(config, [r.kind for r in self.replicas])
@@ -269,7 +305,7 @@ class ChaosRun:
 
     def budgets(self) -> list[tuple[Budget, int]]:
         user, tight = to_micros(USER_LIMIT), to_micros(TIGHT_LIMIT)
-        entities = [*self.entities, *self.flight_entities]
+        entities = [*self.entities, *self.flight_entities, *self.cut_entities]
         tight_load = bool(set(TIGHT_KINDS) & set(self.mix))
         if tight_load:
             entities += list(TIGHT_ENTITIES)
@@ -411,18 +447,6 @@ class ChaosRun:
         rec.detail["exit_code"] = await asyncio.to_thread(replica.stop)
         await asyncio.to_thread(replica.start)
 
-    async def _fault_sigint_twice(self, step: FaultStep, rec: FaultRecord) -> None:
-        assert self.load is not None
-        load, replica = self.load, self.replicas[step.replica]
-        rec.detail["streams_ready"] = await wait_for(
-            lambda: load.streams_in_flight(replica.index) >= 2, 5
-        )
-        rec.detail["streams_in_flight"] = load.streams_in_flight(replica.index)
-        replica.up = False
-        rec.detail["pid"] = replica.pid
-        rec.detail["exit_code"] = await asyncio.to_thread(replica.force_stop)
-        await asyncio.to_thread(replica.start)
-
     async def _fault_redis_restart(self, step: FaultStep, rec: FaultRecord) -> None:
         t_down = await self._redis_down(rec)
         rec.detail["503_ready"] = await self._wait_503(t_down)
@@ -455,6 +479,108 @@ class ChaosRun:
         rec.detail["pid"] = await asyncio.to_thread(replica.kill)
         await self._redis_up(rec, t_down)
         await asyncio.to_thread(replica.start)
+
+    async def _fault_forced_shutdown(self, step: FaultStep, rec: FaultRecord) -> None:
+        assert self.load is not None
+        load, replica = self.load, self.replicas[step.replica]
+        if replica.kind != "uvicorn":
+            raise ValueError(f"a second SIGINT forces no exit on {replica.kind}, only on uvicorn")
+        rec.detail["streams_ready"] = await wait_for(
+            lambda: load.streams_in_flight(replica.index) >= 2, 5
+        )
+        streams = await self._open_cut_streams(replica, CUT_PATH_FORCED)
+        try:
+            rec.detail["streams_in_flight"] = load.streams_in_flight(replica.index) + len(streams)
+            rec.detail["requests_in_flight"] = len(load.inflight[replica.index]) + len(streams)
+            pid = rec.detail["pid"] = replica.pid
+            exit_at = time.monotonic()
+            rec.detail["exit_code"] = await asyncio.to_thread(replica.force_stop, FORCED_GAP_S)
+            rec.detail["exit_s"] = round(time.monotonic() - exit_at, 2)
+        finally:
+            await self._close_cut_streams(streams)
+        self._after_handover(replica, pid, rec)
+        await asyncio.to_thread(replica.start)
+
+    async def _fault_forced_in_outage(self, step: FaultStep, rec: FaultRecord) -> None:
+        replica = self.replicas[step.replica]
+        if replica.kind != "uvicorn":
+            raise ValueError(f"a second SIGINT forces no exit on {replica.kind}, only on uvicorn")
+        streams = await self._open_cut_streams(replica, CUT_PATH_OUTAGE)
+        try:
+            t_down = await self._redis_down(rec)
+            rec.detail["503_ready"] = await self._wait_503(t_down)
+            pid = rec.detail["pid"] = replica.pid
+            exit_at = time.monotonic()
+            rec.detail["exit_code"] = await asyncio.to_thread(replica.force_stop, FORCED_GAP_S)
+            rec.detail["exit_s"] = round(time.monotonic() - exit_at, 2)
+        finally:
+            await self._close_cut_streams(streams)
+        self._after_handover(replica, pid, rec)
+        await self._redis_up(rec, t_down)
+        await asyncio.to_thread(replica.start)
+
+    async def _fault_sigterm_in_outage(self, step: FaultStep, rec: FaultRecord) -> None:
+        assert self.load is not None
+        load, replica = self.load, self.replicas[step.replica]
+        streams = await self._open_cut_streams(replica, CUT_PATH_OUTAGE)
+        try:
+            # The load's requests are refused once Redis is down: this one, admitted before, ends
+            # during the outage, so at least one settlement is journaled in it.
+            ending = await self._open_cut_streams(replica, ENDING_PATH, self.cut_entities[:1])
+            streams += ending
+            t_down = await self._redis_down(rec)
+            truth_offset = file_size(replica.truth_path)
+            journal_dir = replica.journal_dir
+            seen: list[int] = []
+
+            def being_journaled() -> bool:
+                if journal_dir is None:  # a settlement queued in memory: no drain can apply it
+                    return bool(ended_after(replica.truth_path, truth_offset))
+                # Journal writes in progress: its unapplied count grew since Redis died.
+                n = len(journal_unapplied(journal_dir))
+                if not seen or n > seen[-1]:
+                    seen.append(n)
+                return len(seen) >= 2 and bool(ended_after(replica.truth_path, truth_offset))
+
+            rec.detail["journaling_ready"] = await self._wait_503(t_down, being_journaled)
+            rec.detail["unapplied_seen"] = seen
+            rec.detail["ended_in_outage"] = len(ended_after(replica.truth_path, truth_offset))
+            rec.detail["streams_in_flight"] = load.streams_in_flight(replica.index) + len(streams)
+            pid = rec.detail["pid"] = replica.pid
+            rec.detail["exit_code"] = await asyncio.to_thread(replica.stop)
+        finally:
+            await self._close_cut_streams(streams)
+        self._after_handover(replica, pid, rec)
+        await self._redis_up(rec, t_down)
+        await asyncio.to_thread(replica.start)
+
+    async def _open_cut_streams(
+        self, replica: Replica, path: str, entities: Sequence[str] | None = None
+    ) -> list[RawStream]:
+        """Streams on the ``cut-*`` entities, one chunk read: far longer than the fault, requests
+        the shutdown certainly cuts off (the load's own may all end before it)."""
+        streams: list[RawStream] = []
+        for entity in self.cut_entities if entities is None else entities:
+            stream = await RawStream.open(replica.server.port, path, {"x-user": entity})
+            streams.append(stream)
+            if not await stream.read_until_chunk(0):
+                raise RuntimeError(f"a stream to cut off was not admitted: {stream.data[:200]!r}")
+        return streams
+
+    async def _close_cut_streams(self, streams: list[RawStream]) -> None:
+        for stream in streams:
+            await stream.close()
+
+    def _after_handover(self, replica: Replica, pid: int, rec: FaultRecord) -> None:
+        """Once a forced or in-outage shutdown has exited: what it left in its journal (all of it
+        must land after its restart), the requests it cut off, what it logged as lost."""
+        rec.journaled_rids = journal_unapplied(replica.journal_dir)
+        rec.detail["journaled_after_exit"] = len(rec.journaled_rids)
+        rows = [r for r in read_truth(replica.truth_path) if r["pid"] == pid]
+        rows = [r for r in rows if r["entity"] in self.cut_entities]
+        ended = {r["rid"] for r in rows if r["ev"] == "end"}
+        rec.detail["requests_cut"] = sum(1 for r in rows if r["ev"] == "start" and r["rid"] not in ended)
+        rec.detail["logged_lost"] = logged_losses(replica.log_of(pid)).count
 
     async def _fault_redis_empty(self, step: FaultStep, rec: FaultRecord) -> None:
         """Requests in flight across an empty restart: streams on the flight entities, opened
@@ -543,6 +669,13 @@ class ChaosRun:
         report.max_over, report.max_over_at = sampler.max_over, sampler.max_over_at
         report.violations, report.regressions = sampler.violations, sampler.regressions
         report.killed_pids = [p for r in self.replicas for p in r.killed_pids]
+        killed = set(report.killed_pids)
+        for r in self.replicas:
+            for pid in r.pids:
+                if pid not in killed:
+                    found = logged_losses(r.log_of(pid))
+                    if found.count:
+                        report.logged_lost[pid] = found
         report.journal_replayed = sum(r.journal_replayed() for r in self.replicas)
         report.journal_shelved = sum(r.journal_shelved() for r in self.replicas)
         report.journal_leftovers = [i for r in self.replicas for i in journal_unapplied(r.journal_dir)]
@@ -569,6 +702,11 @@ class ChaosRun:
         ended = {rid for rid, rs in by_rid.items() if any(x["ev"] == "end" for x in rs)}
         pid_replica = {p: r.index for r in self.replicas for p in r.pids}
         killed = set(report.killed_pids)
+        handover = {
+            f.detail["pid"]: f.kind
+            for f in report.faults
+            if f.kind in HANDOVER_KINDS and "pid" in f.detail
+        }
         lost: dict[str, Lost] = {}
         with self.redis.client() as client:
             for budget, _limit in self.budgets():
@@ -606,6 +744,7 @@ class ChaosRun:
                         expected[rid],
                         rid in ended,
                         start["pid"] in killed,
+                        handover.get(start["pid"], ""),
                     )
                 if held or holds:
                     report.leaked_at_end[f"{budget.rule}:{budget.entity}"] = holds
@@ -634,13 +773,26 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
         run.close()  # synchronous: runs even when the test is cancelled
 
 
-def default_faults(duration_s: float, replicas: int, *, cycles: int = 1) -> tuple[FaultStep, ...]:
-    """``cycles`` rounds of sigkill, redis-restart, sigterm, sigint-twice and sigkill-in-outage,
-    spread evenly over the load (the last step well before its end), rotating over the replicas."""
-    kinds = ("sigkill", "redis-restart", "sigterm", "sigint-twice", "sigkill-in-outage")
+def default_faults(
+    duration_s: float, replicas: int, *, cycles: int = 1, servers: Sequence[str] = ()
+) -> tuple[FaultStep, ...]:
+    """``cycles`` rounds of the faults of ``FAULT_CYCLE``, spread evenly over the load (the last
+    step well before its end), rotating over the replicas (one further each round). ``servers``
+    (the replicas' server kinds) sends the forced shutdowns to uvicorn replicas only: they force no
+    exit elsewhere (see the module docstring); without it, or without a uvicorn replica, no forced
+    shutdown is scheduled."""
+    kinds = FAULT_CYCLE
+    uvicorn = [i for i, kind in enumerate(servers) if kind == "uvicorn"]
     steps = []
     n = cycles * len(kinds)
     span = duration_s * 0.85
     for i in range(n):
-        steps.append(FaultStep(round(span * (i + 0.4) / n, 2), kinds[i % len(kinds)], i % replicas))
+        kind = kinds[i % len(kinds)]
+        replica = (i + i // len(kinds)) % replicas
+        if kind in FORCED_KINDS:
+            if not uvicorn:
+                continue
+            # The rotation's replica if it runs uvicorn, else the next one that does.
+            replica = next(r for r in (*range(replica, replicas), *range(replica)) if r in uvicorn)
+        steps.append(FaultStep(round(span * (i + 0.4) / n, 2), kind, replica))
     return tuple(steps)

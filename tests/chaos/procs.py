@@ -1,6 +1,7 @@
 """The processes of a chaos run: one ``redis-server`` the harness can kill and restart on the same
 port (with its AOF, or empty), and the server replicas (``servers.ServerProcess``) it kills, stops
-and restarts.
+(gracefully, or forced with a second SIGINT) and restarts; what a replica's processes logged, each
+apart (``Replica.log_of``), and the settlements each logged as lost (``logged_losses``).
 
 Every process runs in its own session and is SIGKILLed by ``close()``, whatever happened: call it in
 a ``finally``.
@@ -15,14 +16,16 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
+from budget_middleware import to_micros
 from redis_server import free_port, require_redis_server
 from servers import ServerProcess
 
-__all__ = ["ChaosRedis", "Replica"]
+__all__ = ["ChaosRedis", "LoggedLoss", "Replica", "logged_losses"]
 
 REDIS_START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
@@ -139,10 +142,68 @@ _RESERVE_FAILED = re.compile(r"budget: reserve failed \((.*)\)\s*$", re.MULTILIN
 _REPLAYED = re.compile(r"replaying (\d+) settlements left unapplied")
 _SHELVED = re.compile(r"with (\d+) settlements unapplied .*stay in the journal")
 
+# Every line the package writes when it gives a settlement up (finalizer/_spool.py, _sending.py):
+# a drain or a forced exit with settlements neither applied nor journaled (count and amount), one
+# settlement over the pending bound (id and amount), spilled ones the journal could not keep (count,
+# amount, ids), one the store refused or could not apply (id).
+_LOST_UNAPPLIED = re.compile(
+    r"budget: .* with (\d+) settlements unapplied \(([-\d.]+) in actual cost\); their holds "
+    r"expire by lease, their spend is not recorded"
+)
+_LOST_OVER_BOUND = re.compile(r"budget: settlement (\S+) \(actual ([-\d.]+), reason \S+\) lost:")
+_LOST_SPILLED = re.compile(
+    r"budget: (\d+) settlements over the pending bound lost \(([-\d.]+) in actual cost\).*; "
+    r"ids (.*)$",
+    re.MULTILINE,
+)
+_LOST_GIVEN_UP = re.compile(
+    r"budget: settlement (\S+) (?:refused \d+ times .*|cannot be applied); counted as lost"
+)
+
+
+@dataclass
+class LoggedLoss:
+    """The settlements a process logged as lost: how many, their actual cost (micro-units) where
+    the line says it (``unpriced`` lines do not), and the ids where the line names them."""
+
+    count: int = 0
+    micros: int = 0
+    unpriced: int = 0
+    rids: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+
+def logged_losses(log: str) -> LoggedLoss:
+    """Parse every "lost" line of one process's log (see the patterns above)."""
+    out = LoggedLoss()
+    for m in _LOST_UNAPPLIED.finditer(log):
+        out.count += int(m[1])
+        out.micros += to_micros(m[2])
+        out.lines.append(m[0])
+    for m in _LOST_OVER_BOUND.finditer(log):
+        out.count += 1
+        out.micros += to_micros(m[2])
+        out.rids.append(m[1])
+        out.lines.append(m[0])
+    for m in _LOST_SPILLED.finditer(log):
+        out.count += int(m[1])
+        out.micros += to_micros(m[2])
+        out.rids += [x.strip() for x in m[3].split(",") if x.strip()]
+        out.lines.append(m[0])
+    for m in _LOST_GIVEN_UP.finditer(log):
+        out.count += 1
+        out.unpriced += 1
+        out.rids.append(m[1])
+        out.lines.append(m[0])
+    return out
+
 
 class Replica:
     """One server replica (a ``ServerProcess``) that can be killed, stopped and started again on
-    the same truth file and journal dir. ``up`` says whether the load may send it requests."""
+    the same truth file and journal dir. ``up`` says whether the load may send it requests.
+
+    Its processes append to one log file, one after the other: where each began is remembered, so
+    ``log_of(pid)`` is what that process alone wrote."""
 
     def __init__(self, index: int, server: ServerProcess, journal_dir: Path | None) -> None:
         self.index = index
@@ -152,7 +213,9 @@ class Replica:
         self.pids: list[int] = []
         self.killed_pids: list[int] = []
         self.stopped_pids: list[int] = []
+        self.forced_pids: list[int] = []
         self.stop_codes: list[int] = []
+        self._log_starts: list[tuple[int, int]] = []  # (pid, offset in the log where it began)
 
     @property
     def kind(self) -> str:
@@ -172,8 +235,10 @@ class Replica:
         return self.server.truth_path
 
     def start(self) -> None:
+        offset = self._log_size()
         self.server.start()
         self.pids.append(self.pid)
+        self._log_starts.append((self.pid, offset))
         self.up = True
 
     def kill(self) -> int:
@@ -197,20 +262,20 @@ class Replica:
         self.stop_codes.append(code)
         return code
 
-    def force_stop(self, second_after_s: float = 0.3, timeout_s: float = 20.0) -> int:
-        """SIGINT, and a second SIGINT ``second_after_s`` later, as an operator pressing Ctrl-C
-        twice: uvicorn then stops waiting for its requests and skips the lifespan shutdown. Waits
-        for the exit; returns the exit code. Nothing handed over may be lost: applied or journaled."""
+    def force_stop(self, gap_s: float = 0.3, timeout_s: float = 20.0) -> int:
+        """SIGINT, and a second SIGINT ``gap_s`` later (an operator's second Ctrl-C): uvicorn then
+        stops waiting for the requests in flight, skips the lifespan shutdown and lets
+        ``asyncio.run`` cancel every task. Waits for the exit; returns the exit code."""
         self.up = False
         pid = self.pid
         self.server.interrupt()
-        time.sleep(second_after_s)  # the operator's pause, not a synchronisation
+        time.sleep(gap_s)
         self.server.interrupt()
         try:
             code = self.server.wait_exit(timeout_s)
         finally:
             self.server.close()
-        self.stopped_pids.append(pid)
+        self.forced_pids.append(pid)
         self.stop_codes.append(code)
         return code
 
@@ -218,11 +283,30 @@ class Replica:
         self.up = False
         self.server.close()
 
+    def _log_size(self) -> int:
+        try:
+            return self.server.log_path.stat().st_size
+        except OSError:
+            return 0
+
     def log_text(self) -> str:
         try:
             return self.server.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def log_of(self, pid: int) -> str:
+        """What process ``pid`` of this replica wrote to the log (from its start to the next's)."""
+        try:
+            data = self.server.log_path.read_bytes()
+        except OSError:
+            return ""
+        starts = self._log_starts
+        for i, (p, offset) in enumerate(starts):
+            if p == pid:
+                end = starts[i + 1][1] if i + 1 < len(starts) else len(data)
+                return data[offset:end].decode(errors="replace")
+        return ""
 
     def reserve_failures(self) -> list[str]:
         """Why its reserves failed (each such request was answered 503), from its log."""

@@ -11,15 +11,20 @@ from typing import Any
 
 from budget_middleware import format_micros
 
+from .procs import LoggedLoss
+
 __all__ = [
     "FAULT_KINDS",
+    "FORCED_KINDS",
     "GRACE_503_S",
+    "HANDOVER_KINDS",
     "TIGHT_KINDS",
     "BudgetRow",
     "ChaosConfig",
     "ChaosReport",
     "FaultRecord",
     "FaultStep",
+    "LoggedLoss",
     "Lost",
     "Sample",
 ]
@@ -28,10 +33,16 @@ FAULT_KINDS = (
     "sigkill",
     "redis-restart",
     "sigterm",
-    "sigint-twice",
     "sigkill-in-outage",
+    "forced-shutdown",
+    "sigterm-in-outage",
+    "forced-in-outage",
     "redis-empty",
 )
+# The faults that stop a replica without SIGKILL while it cannot settle everything it holds: what
+# it neither applies nor journals, the package must log as lost (journal off), or lose nothing.
+HANDOVER_KINDS = ("forced-shutdown", "sigterm-in-outage", "forced-in-outage")
+FORCED_KINDS = ("forced-shutdown", "forced-in-outage")  # a second SIGINT: uvicorn replicas only
 TIGHT_KINDS = ("tight", "broke")  # the load's kinds that go to the budgets of the small rule
 GRACE_503_S = 0.5  # a reserve sent just before Redis came back
 
@@ -75,7 +86,9 @@ class FaultRecord:
     ok: bool = False
     detail: dict[str, Any] = field(default_factory=dict)
     # sigkill-in-outage: requests the app finished while Redis was down (settlements queued), and
-    # the settlements in the replica's journal when it was killed
+    # the settlements in the replica's journal when it was killed; HANDOVER_KINDS: the
+    # settlements its journal held unapplied once the process had exited (its next start replays
+    # them: none may be lost)
     ended_rids: list[str] = field(default_factory=list)
     journaled_rids: list[str] = field(default_factory=list)
 
@@ -107,6 +120,7 @@ class Lost:
     amount: int
     ended: bool  # the app had finished its response (an "end" record) before the kill
     killed: bool  # the pid was SIGKILLed
+    handover: str = ""  # else the fault (HANDOVER_KINDS) that stopped the pid, if one did
 
 
 @dataclass
@@ -148,6 +162,8 @@ class ChaosReport:
     never_ran: list[str] = field(default_factory=list)
     truth_requests: int = 0
     killed_pids: list[int] = field(default_factory=list)
+    # Per pid that was not SIGKILLed and wrote a "lost" line, what its log says it lost.
+    logged_lost: dict[int, LoggedLoss] = field(default_factory=dict)
     flight_rids: list[str] = field(default_factory=list)
     recovered: int = 0
     recovered_all: int = 0
@@ -166,7 +182,41 @@ class ChaosReport:
 
     @property
     def lost_amount(self) -> int:
-        return sum(x.amount for x in self.lost)
+        return sum(x.amount for x in self.killed_lost)
+
+    @property
+    def killed_lost(self) -> list[Lost]:
+        """The counted in-flight losses of SIGKILLed replicas."""
+        return [x for x in self.lost if x.killed]
+
+    @property
+    def stray_lost(self) -> list[Lost]:
+        """Losses of processes that were not SIGKILLed: allowed only without a journal, and only
+        as many and as much as their own logs said they lost (``logged_mismatch``)."""
+        return [x for x in self.lost if not x.killed]
+
+    def logged_mismatch(self) -> dict[int, str]:
+        """Per pid not SIGKILLed, how its counted loss differs from what it logged as lost."""
+        by_pid: dict[int, list[Lost]] = {}
+        for x in self.stray_lost:
+            by_pid.setdefault(x.pid, []).append(x)
+        out: dict[int, str] = {}
+        for pid in sorted(set(by_pid) | set(self.logged_lost)):
+            lost = by_pid.get(pid, [])
+            logged = self.logged_lost.get(pid, LoggedLoss())
+            amount = sum(x.amount for x in lost)
+            named = set(logged.rids) - {x.rid for x in lost}
+            priced = logged.unpriced == 0
+            if len(lost) != logged.count or (priced and amount != logged.micros) or named:
+                out[pid] = (
+                    f"pid {pid}: {len(lost)} settlements lost ({amount} micro-units), its log says "
+                    f"{logged.count} ({logged.micros} micro-units"
+                    + (f", {logged.unpriced} unpriced" if logged.unpriced else "")
+                    + ")"
+                    + (f"; named lost but landed: {sorted(named)}" if named else "")
+                    + f"; lines {logged.lines[:5]}"
+                )
+        return out
 
     @property
     def leaked_holds(self) -> int:
@@ -212,13 +262,26 @@ class ChaosReport:
                     f"{b.rule}:{b.entity}: spent {b.spent} != truth {b.truth} - counted loss "
                     f"{b.lost} (diff {b.diff:+d} micro-units)"
                 )
-        stray = [x for x in self.lost if not x.killed]
-        if stray:
-            out.append(f"settlements lost on replicas that were not SIGKILLed: {stray}")
+        stray = self.stray_lost
+        if self.config.journal:
+            if stray:
+                out.append(f"settlements lost on replicas that were not SIGKILLed: {stray}")
+            logged = {pid: x.lines[:5] for pid, x in self.logged_lost.items() if x.count}
+            if logged:
+                out.append(f"settlements logged as lost with the journal on: {logged}")
+        else:
+            # Without a journal a process stopped while it cannot apply (Redis down, or a forced
+            # exit cut its drain short) loses what it holds: exactly what it logged as lost. A
+            # graceful shutdown with Redis up (sigterm, the end of the run) loses nothing.
+            for why in self.logged_mismatch().values():
+                out.append(f"a loss of a process not SIGKILLed differs from its log: {why}")
+            graceful = [x for x in stray if not x.handover]
+            if graceful:
+                out.append(f"settlements lost by a graceful shutdown with Redis up: {graceful}")
         lost_ids = {x.rid for x in self.lost}
         if not self.config.journal:
             # Only memory held these settlements when the replica was killed: none can have landed.
-            ended = {r for f in self.faults for r in f.ended_rids}
+            ended = {r for f in self.faults if f.kind == "sigkill-in-outage" for r in f.ended_rids}
             if ended - lost_ids:
                 out.append(
                     f"settlements queued in the memory of a SIGKILLed replica landed: "
@@ -226,7 +289,10 @@ class ChaosReport:
                 )
         saved = {r for f in self.faults for r in f.journaled_rids} & lost_ids
         if saved:
-            out.append(f"settlements in a journal at a SIGKILL were lost all the same: {sorted(saved)}")
+            out.append(
+                f"settlements in a journal at a SIGKILL or a shutdown were lost all the same: "
+                f"{sorted(saved)}"
+            )
         if self.journal_leftovers:
             out.append(f"unapplied settlements left in journals: {self.journal_leftovers}")
         return out
@@ -256,7 +322,10 @@ class ChaosReport:
         counts = self.fault_counts()
         faults = ", ".join(f"{k} x{counts[k]}" for k in FAULT_KINDS if counts[k]) or "none"
         checked = [b for b in self.budgets if b.checked]
-        lost_ended = [x for x in self.lost if x.ended]
+        killed_lost = self.killed_lost
+        lost_ended = [x for x in killed_lost if x.ended]
+        stray = self.stray_lost
+        logged = [x for x in self.logged_lost.values() if x.count]
         over = "n/a"
         if self.max_over is not None and self.max_over_at is not None:
             over = f"{self.max_over:+d} micro-units (on {self.max_over_at.budget})"
@@ -271,11 +340,15 @@ class ChaosReport:
             f"| leaked holds (one lease after the run; after shutdown) | {self.leaked_holds} | 0 |",
             f"| spend difference from ground truth, outside counted losses "
             f"({len(checked)} budgets{since}) | {self.spend_diff} micro-units | 0 |",
-            f"| counted in-flight loss of SIGKILLed replicas | {len(self.lost)} requests, "
+            f"| counted in-flight loss of SIGKILLed replicas | {len(killed_lost)} requests, "
             f"{self.lost_amount} micro-units ({format_micros(self.lost_amount)} units); "
             f"{len(lost_ended)} of them had finished their response | "
             f"{'only what was in flight' if c.journal else 'reported'} |",
-            f"| lost on replicas not SIGKILLed | {sum(1 for x in self.lost if not x.killed)} | 0 |",
+            f"| lost on replicas not SIGKILLed (forced shutdown, SIGTERM in an outage, ...): "
+            f"counted / logged as lost by the package | {len(stray)} requests "
+            f"({sum(x.amount for x in stray)} micro-units) / {sum(x.count for x in logged)} "
+            f"({sum(x.micros for x in logged)} micro-units) | "
+            f"{'0 / 0' if c.journal else 'counted = logged'} |",
             f"| max observed spent + held - limit | {over} | <= 0 |",
             f"| spent regressions across AOF restarts | {len(self.regressions)} | 0 |",
             f"| 503 while Redis was down (+{GRACE_503_S:g}s) / with no outage before | "
@@ -301,6 +374,25 @@ class ChaosReport:
                     f"| ... settlements in the journal at the SIGKILL, lost | "
                     f"{len(journaled & lost_ids)} of {len(journaled)} | 0 |"
                 )
+        for kind, label in (
+            ("forced-shutdown", "forced shutdown (double SIGINT) with streams in flight"),
+            ("sigterm-in-outage", "SIGTERM during an outage, with settlements being journaled"),
+            ("forced-in-outage", "forced shutdown during an outage, with streams in flight"),
+        ):
+            done = [f for f in self.faults if f.kind == kind and f.ok]
+            if not done:
+                continue
+            lost_ids = {x.rid for x in self.lost}
+            cut = sum(f.detail.get("requests_cut", 0) for f in done)
+            journaled = {r for f in done for r in f.journaled_rids}
+            pids = {f.detail.get("pid") for f in done}
+            lost_here = [x for x in self.lost if x.pid in pids]
+            lines.append(
+                f"| {label}: requests it cut off / settlements in its journal after the exit, lost "
+                f"/ lost in all | {cut} / {len(journaled & lost_ids)} of {len(journaled)} / "
+                f"{len(lost_here)} ({sum(x.amount for x in lost_here)} micro-units) | "
+                f"- / 0 / {'0' if c.journal else 'as logged'} |"
+            )
         if c.journal:
             lines.append(
                 f"| journal: replayed at restart / shelved at shutdown / left unapplied | "
@@ -335,6 +427,8 @@ class ChaosReport:
             ordered = sorted(self.lost, key=lambda x: (x.pid, x.rid))
             for x in ordered[:max_named]:
                 state = "finished, settlement not yet applied" if x.ended else "in flight"
+                if not x.killed:
+                    state += f"; not SIGKILLed: {x.handover or 'stopped'}, logged as lost"
                 lines.append(
                     f"- `{x.rid}` replica {x.replica} pid {x.pid} {x.path} {x.entity} "
                     f"{x.amount} ({state})"

@@ -1,10 +1,13 @@
 """Chaos, the fast variant for CI: a few hundred requests against three replicas (uvicorn, uvicorn,
-hypercorn) sharing one real ``redis-server`` with AOF, while replicas are SIGKILLed and SIGTERMed and
-Redis is killed and restarted (with its data, and, in a run of its own, empty).
+hypercorn) sharing one real ``redis-server`` with AOF, while replicas are SIGKILLed, SIGTERMed (also
+during a Redis outage, while their settlements are being journaled) and shut down by force (a
+second SIGINT, uvicorn; also during an outage), and Redis is killed and restarted (with its data,
+and, in a run of its own, empty).
 
 Every check of ``report.ChaosReport.failures`` must pass: no hold leaked, ``spent`` equal to the
 apps' ground truth in micro-units except what SIGKILLed replicas had in flight (counted, and named by
-reservation id), never ``spent + held > limit``, 503 only once Redis had been down. The summary of
+reservation id) and, without a journal, what a replica stopped in an outage logged itself as lost,
+never ``spent + held > limit``, 503 only once Redis had been down. The summary of
 each run is printed (``pytest -s`` shows it). ``benchmarks/soak.py`` runs the same harness for
 minutes.
 
@@ -31,6 +34,7 @@ from redis_server import require_redis_server
 from servers import ServerProcess
 
 from .harness import (
+    FAULT_CYCLE,
     ChaosConfig,
     ChaosReport,
     FaultStep,
@@ -46,10 +50,12 @@ from .report import FaultRecord
 
 pytestmark = [pytest.mark.servers, pytest.mark.redis]
 
-LOAD_S = 8.0
-DEFAULT_FAULTS = {"sigkill", "redis-restart", "sigterm", "sigint-twice", "sigkill-in-outage"}
-REQUESTS = 280
+# The load goes on at this rate until the last fault is over, within twice REQUESTS: enough for
+# the seven faults of the cycle, each of them meeting load.
+LOAD_S = 16.0
+REQUESTS = 560
 CONCURRENCY = 20
+SERVERS = ("uvicorn", "uvicorn", "hypercorn")
 
 
 def live_holds(client: Any) -> bool:
@@ -70,10 +76,11 @@ def faults(report: ChaosReport, kind: str) -> list[FaultRecord]:
 async def run(tmp_path: Path, name: str, **overrides: Any) -> ChaosReport:
     require_redis_server()
     settings: dict[str, Any] = {
+        "kinds": SERVERS,
         "requests": REQUESTS,
         "duration_s": LOAD_S,
         "concurrency": CONCURRENCY,
-        "faults": default_faults(LOAD_S, 3),
+        "faults": default_faults(LOAD_S, len(SERVERS), servers=SERVERS),
         **overrides,
     }
     return await run_chaos(ChaosConfig(workdir=tmp_path / name, name=name, **settings))
@@ -84,24 +91,41 @@ async def test_under_faults_every_settlement_lands_once_but_what_sigkill_took(
 ) -> None:
     report = await run(tmp_path, "faults")
     assert_passed(report)
-    assert set(report.fault_counts()) == DEFAULT_FAULTS
+    assert set(report.fault_counts()) == set(FAULT_CYCLE)
     assert report.outcomes["503"] > 0, "the Redis outages were not seen (fail-closed: 503)"
     assert report.by_kind["broke"]["429"] > 0
     # The SIGKILL took streams in flight with it: their spend is lost, counted and named.
-    assert report.lost, "a SIGKILL with streams in flight lost nothing: the check is blind"
-    assert all(x.killed for x in report.lost)
+    assert report.killed_lost, "a SIGKILL with streams in flight lost nothing: the check is blind"
     # Killed during an outage, a replica without a journal loses the settlements it had queued:
     # requests the app finished while Redis was down.
     (outage_kill,) = faults(report, "sigkill-in-outage")
     assert outage_kill.ended_rids, "no request ended during the outage: nothing was queued"
     lost = {x.rid for x in report.lost}
     assert set(outage_kill.ended_rids) <= lost, report.summary()
+    # A forced shutdown cut streams off; the drain still applied their settlements, or the
+    # package logged each one it lost (assert_passed compared the two, per process).
+    (forced,) = faults(report, "forced-shutdown")
+    assert forced.detail["requests_cut"] > 0, forced.detail
+    # SIGTERMed during an outage, a replica without a journal cannot apply what it holds: it is
+    # lost, and its log says so, as many settlements and as much spend as the tombstones show.
+    (stopped,) = faults(report, "sigterm-in-outage")
+    assert stopped.detail["requests_cut"] > 0, stopped.detail
+    in_outage = [x for x in report.lost if x.pid == stopped.detail["pid"]]
+    assert in_outage, "a SIGTERM during an outage lost nothing without a journal: the check is blind"
+    assert report.logged_lost[stopped.detail["pid"]].count == len(in_outage)
+    # So does a forced shutdown during an outage: its drain cannot apply either.
+    (forced_down,) = faults(report, "forced-in-outage")
+    assert forced_down.detail["requests_cut"] > 0, forced_down.detail
+    assert report.logged_lost[forced_down.detail["pid"]].count > 0
+    # Nothing else was lost but by a SIGKILL.
+    shut = {stopped.detail["pid"], forced_down.detail["pid"]}
+    assert {x.pid for x in report.stray_lost} == shut
 
 
 async def test_with_the_journal_a_sigkill_loses_only_what_was_never_journaled(tmp_path: Path) -> None:
     report = await run(tmp_path, "journal", journal=True)
     assert_passed(report)
-    assert set(report.fault_counts()) == DEFAULT_FAULTS
+    assert set(report.fault_counts()) == set(FAULT_CYCLE)
     # Killed during an outage with settlements in its journal, the replica replays them at restart:
     # none of them is lost.
     (outage_kill,) = faults(report, "sigkill-in-outage")
@@ -111,6 +135,22 @@ async def test_with_the_journal_a_sigkill_loses_only_what_was_never_journaled(tm
     lost = {x.rid for x in report.lost}
     assert not journaled & lost, f"journaled settlements lost: {journaled & lost}"
     assert all(x.killed for x in report.lost)
+    # A forced shutdown, a SIGTERM during an outage (while settlements were being journaled) and
+    # a forced shutdown during an outage cut streams off and lose nothing: what they could not
+    # apply they left in the journal, and the next start replayed it.
+    (forced,) = faults(report, "forced-shutdown")
+    assert forced.detail["requests_cut"] > 0, forced.detail
+    (stopped,) = faults(report, "sigterm-in-outage")
+    assert stopped.detail["requests_cut"] > 0, stopped.detail
+    assert stopped.journaled_rids, "the SIGTERM during the outage left nothing in the journal"
+    (forced_down,) = faults(report, "forced-in-outage")
+    assert forced_down.detail["requests_cut"] > 0, forced_down.detail
+    assert forced_down.journaled_rids, "the forced exit in an outage left nothing in the journal"
+    left = len(journaled) + len(stopped.journaled_rids) + len(forced_down.journaled_rids)
+    assert report.journal_replayed >= left
+    shut = {forced.detail["pid"], stopped.detail["pid"], forced_down.detail["pid"]}
+    assert not [x for x in report.lost if x.pid in shut]
+    assert not report.logged_lost
 
 
 async def test_an_empty_redis_restart_lands_every_in_flight_settlement_once(tmp_path: Path) -> None:
