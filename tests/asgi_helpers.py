@@ -21,7 +21,6 @@ from opentelemetry.metrics import _internal as metrics_state
 from starlette.types import Message
 
 import budget_middleware.finalizer as finalizer_module
-import budget_middleware.middleware as middleware_module
 import budget_middleware.reserving as reserving_module
 from budget_middleware import Finalizer, Settled, Settlement, telemetry
 
@@ -326,7 +325,7 @@ def without_telemetry_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
     """No tracer provider and no meter provider, whatever other tests installed; the package's
     instruments made from the API's proxy meter, as in a process without an SDK."""
     proxy_tracer = trace.ProxyTracer("budget_middleware", "0.1.0")
-    for module in (telemetry, middleware_module, reserving_module, finalizer_module):
+    for module in (telemetry, reserving_module, finalizer_module):
         monkeypatch.setattr(module, "tracer", proxy_tracer)
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
     monkeypatch.setattr(metrics_state, "_METER_PROVIDER", None)

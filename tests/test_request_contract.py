@@ -33,7 +33,6 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 import budget_middleware.finalizer as finalizer_module
-import budget_middleware.middleware as middleware_module
 import budget_middleware.reserving as reserving_module
 from asgi_helpers import (
     RecordingSend,
@@ -572,7 +571,7 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
     sdk_tracer = provider.get_tracer("budget_middleware", "0.1.0")
-    for module in (telemetry, middleware_module, reserving_module, finalizer_module):
+    for module in (telemetry, reserving_module, finalizer_module):
         monkeypatch.setattr(module, "tracer", sdk_tracer)
     try:
         yield exporter

@@ -18,7 +18,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from starlette.types import Receive, Scope, Send
 
 import budget_middleware.handle as handle_module
-import budget_middleware.middleware as middleware_module
 import budget_middleware.reserving as reserving_module
 import budget_middleware.responses as responses_module
 from asgi_helpers import RecordingSend, ScriptedReceive, http_scope, settle_all
@@ -210,7 +209,6 @@ async def test_a_tracer_provider_installed_after_the_middleware_gets_spans(
     sdk, exporter = provider
     # A proxy tracer of our own, as trace.get_tracer gives before any provider is installed.
     proxy = trace.ProxyTracer("budget_middleware", "0.1.0")
-    monkeypatch.setattr(middleware_module, "tracer", proxy)
     monkeypatch.setattr(reserving_module, "tracer", proxy)
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
     config = BudgetConfig(rules=(Rule("user", "header:x-user", 10),), estimate=1)

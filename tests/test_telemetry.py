@@ -25,7 +25,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode, Tracer
 
 import budget_middleware.finalizer as finalizer_module
-import budget_middleware.middleware as middleware_module
 import budget_middleware.reserving as reserving_module
 import budget_middleware.telemetry as telemetry_module
 from asgi_helpers import (
@@ -81,7 +80,7 @@ def otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Otel]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("budget_middleware", "0.1.0")
-    for module in (telemetry_module, middleware_module, reserving_module, finalizer_module):
+    for module in (telemetry_module, reserving_module, finalizer_module):
         monkeypatch.setattr(module, "tracer", tracer)
     try:
         yield Otel(exporter, provider.get_tracer("tests.server"))

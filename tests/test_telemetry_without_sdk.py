@@ -13,7 +13,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-import budget_middleware.middleware as middleware_module
 import budget_middleware.reserving as reserving_module
 from asgi_helpers import RecordingSend, ScriptedReceive, SettlementLog, http_scope, settle_all
 from budget_middleware import BudgetConfig, BudgetMiddleware, Finalizer, MemoryLedger, Rule
@@ -42,7 +41,6 @@ async def test_remote_parent_without_provider_keeps_the_request_trace_id(
     """Behind API-only instrumentation (a propagated parent, no SDK), the settlement (the
     on_settled hook, the journal record) carries the request's trace id."""
     proxy = trace.ProxyTracer("budget_middleware", "0.1.0")
-    monkeypatch.setattr(middleware_module, "tracer", proxy)
     monkeypatch.setattr(reserving_module, "tracer", proxy)
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
     mw, log = harness()
@@ -70,7 +68,6 @@ async def test_provider_installed_later_gets_reserve_span_via_set_tracer_provide
     sdk = TracerProvider()
     sdk.add_span_processor(SimpleSpanProcessor(exporter))
     proxy = trace.ProxyTracer("budget_middleware", "0.1.0")
-    monkeypatch.setattr(middleware_module, "tracer", proxy)
     monkeypatch.setattr(reserving_module, "tracer", proxy)
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
     mw, _ = harness()

@@ -9,14 +9,36 @@ answers 400 when the request is at fault (see ``EstimateError``), and otherwise 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from opentelemetry.trace import Status, StatusCode
 from starlette.requests import ClientDisconnect, Request
+from starlette.types import Send
 
+from . import telemetry
 from .amounts import Amount, to_micros
+from .responses import send_estimate_failed
+from .telemetry import ATTR, SPAN_RESERVE
 
-__all__ = ["EstimateError", "Estimator", "estimate_micros"]
+if TYPE_CHECKING:
+    from .config import BudgetConfig
+
+__all__ = [
+    "ANSWERED",
+    "RUN_UNMETERED",
+    "EstimateError",
+    "Estimator",
+    "estimate_micros",
+    "estimate_or_refuse",
+]
+
+logger = logging.getLogger("budget_middleware")
+
+# What ``estimate_or_refuse`` returns instead of an estimate when the estimate failed.
+RUN_UNMETERED = -1  # failing open: the request runs without a reservation
+ANSWERED = -2  # a 400 or 500 has been sent
 
 # What an estimator raises when the request it reads is malformed: the client's error.
 _CLIENT_ERRORS = (ValueError, LookupError, TypeError, ClientDisconnect)
@@ -61,3 +83,27 @@ async def estimate_micros(
     if max_hold is not None and micros > max_hold:
         micros = max_hold
     return micros
+
+
+async def estimate_or_refuse(
+    estimator: Estimator | None, request: Request, send: Send, config: BudgetConfig
+) -> int:
+    """The estimate in micro-units; ``RUN_UNMETERED`` when it failed and the fail mode is open;
+    ``ANSWERED`` once a 400 (the request is at fault) or a 500 has been sent. A failure changes no
+    budget, and is recorded on a ``budget.reserve`` span of outcome ``error``."""
+    try:
+        return await estimate_micros(estimator, request, config.estimate, config.max_hold)
+    except EstimateError as exc:
+        with telemetry.tracer.start_as_current_span(SPAN_RESERVE) as span:
+            span.set_attribute(ATTR.OUTCOME, "error")
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+        if exc.client_error:
+            logger.info("budget: the request could not be estimated: %s", exc)
+        else:
+            logger.error("budget: %s", exc)
+            if config.fail_mode == "open":
+                return RUN_UNMETERED
+        await send_estimate_failed(
+            send, str(exc), client_error=exc.client_error, error_format=config.error_format
+        )
+        return ANSWERED

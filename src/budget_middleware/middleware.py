@@ -13,13 +13,13 @@ import os
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import INVALID_SPAN_CONTEXT, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN_CONTEXT
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .amounts import format_micros
 from .config import BudgetConfig, ConfigError
-from .costs import EstimateError, Estimator, estimate_micros
+from .costs import RUN_UNMETERED, Estimator, estimate_or_refuse
 from .finalizer import Finalizer
 from .handle import RequestBudget, get_reservation
 from .identity import AmbiguousEntity, EntityHasher
@@ -35,23 +35,26 @@ from .ledger import (
 )
 from .lifespan import serve_lifespan
 from .reserving import OUTCOME_ATTRS, Reserver
-from .resolve import Identify, MissingEntity, Resolver, Wanted, recording_request, replaying
+from .resolve import (
+    Exclusions,
+    Identify,
+    MissingEntity,
+    Resolver,
+    Wanted,
+    recording_request,
+    refuse_identity,
+    replaying,
+)
 from .responses import (
     admitted_headers,
-    send_ambiguous_entity,
     send_config_invalid,
-    send_estimate_failed,
     send_identify_failed,
-    send_missing_entity,
     send_rejection,
     send_unavailable,
 )
 from .setup_checks import setup_warnings
 from .telemetry import (
-    ATTR,
-    SPAN_RESERVE,
     instruments,
-    tracer,
 )
 from .watcher import ResponseWatcher
 
@@ -136,16 +139,7 @@ class BudgetMiddleware:
             "error": config.charge_on_error == "estimate",
         }
         self._charge_header = config.charge_header.encode()
-        self._exclude = tuple(p.rstrip("/") for p in config.exclude)
-
-    def _excluded(self, scope: Scope) -> bool:
-        if not self._exclude:
-            return False
-        path: str = scope.get("path", "")
-        root: str = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        return any(path == p or path.startswith(p + "/") or not p for p in self._exclude)
+        self._exclude = Exclusions(config.exclude)
 
     # -- http: the request's life ------------------------------------------------------------------
 
@@ -180,7 +174,7 @@ class BudgetMiddleware:
         if not self._rules:
             await self._unmetered(scope, receive, send, "no rules configured")
             return
-        if self._exclude and self._excluded(scope):
+        if self._exclude.paths and self._exclude.match(scope):
             await self._unmetered(scope, receive, send, "excluded")
             return
         if not self.finalizer.running:
@@ -196,7 +190,7 @@ class BudgetMiddleware:
             try:
                 wanted = self._resolver.from_scope(scope)
             except (AmbiguousEntity, MissingEntity) as exc:
-                await self._refuse_identity(send, exc)
+                await refuse_identity(send, exc, self.config.error_format)
                 return
         else:
             wanted = await self._resolve(scope, request, send)
@@ -214,11 +208,11 @@ class BudgetMiddleware:
         # 2. How much to hold.
         estimate = self._fixed_estimate
         if self._estimator is not None and request is not None:
-            estimate = await self._estimate(request, send)
+            estimate = await estimate_or_refuse(self._estimator, request, send, self.config)
         if body_read:  # what a hook read goes to the app as it came
             receive = replaying(body_read, receive)
         if estimate < 0:
-            if estimate == _RUN_UNMETERED:
+            if estimate == RUN_UNMETERED:
                 await self._unmetered(scope, receive, send, "estimate failed")
             return  # else answered: the estimate failed
 
@@ -336,47 +330,13 @@ class BudgetMiddleware:
         try:
             return await self._resolver.resolve(scope, request)
         except (AmbiguousEntity, MissingEntity) as exc:
-            await self._refuse_identity(send, exc)
+            await refuse_identity(send, exc, self.config.error_format)
         except Exception as exc:
             logger.exception("budget: identify failed")
             if self.config.fail_mode == "open":
                 return f"identify failed: {exc}"
             await send_identify_failed(send, error_format=self.config.error_format)
         return None
-
-    async def _refuse_identity(self, send: Send, exc: AmbiguousEntity | MissingEntity) -> None:
-        error_format = self.config.error_format
-        if isinstance(exc, MissingEntity):
-            source = exc.rule.describe_source()
-            await send_missing_entity(send, exc.rule.name, source, error_format=error_format)
-        else:
-            await send_ambiguous_entity(send, str(exc), error_format=error_format)
-
-    async def _estimate(self, request: Request, send: Send) -> int:
-        """The estimate in micro-units; ``_RUN_UNMETERED`` when it failed and the fail mode is open;
-        ``_ANSWERED`` once a 400 or 500 has been sent. A failure changes no budget."""
-        config = self.config
-        try:
-            return await estimate_micros(self._estimator, request, config.estimate, config.max_hold)
-        except EstimateError as exc:
-            with tracer.start_as_current_span(SPAN_RESERVE) as span:
-                span.set_attribute(ATTR.OUTCOME, "error")
-                span.set_status(Status(StatusCode.ERROR, str(exc)))
-            if exc.client_error:
-                logger.info("budget: the request could not be estimated: %s", exc)
-            else:
-                logger.error("budget: %s", exc)
-                if config.fail_mode == "open":
-                    return _RUN_UNMETERED
-            await send_estimate_failed(
-                send, str(exc), client_error=exc.client_error, error_format=config.error_format
-            )
-            return _ANSWERED
-
-
-# What ``_estimate`` returns instead of an estimate when it failed.
-_RUN_UNMETERED = -1
-_ANSWERED = -2
 
 
 def _names(wanted: Wanted) -> tuple[str, ...]:

@@ -14,13 +14,23 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
-from starlette.types import Message, Receive, Scope
+from starlette.types import Message, Receive, Scope, Send
 
 from .budgets import Budget
 from .config import Rule
-from .identity import EntityHasher, header_value, plain_id
+from .identity import AmbiguousEntity, EntityHasher, header_value, plain_id
+from .responses import send_ambiguous_entity, send_missing_entity
 
-__all__ = ["ANONYMOUS", "Identify", "MissingEntity", "Resolver", "recording_request", "replaying"]
+__all__ = [
+    "ANONYMOUS",
+    "Exclusions",
+    "Identify",
+    "MissingEntity",
+    "Resolver",
+    "recording_request",
+    "refuse_identity",
+    "replaying",
+]
 
 Identify = Callable[[Request], "Awaitable[Mapping[str, str | None]] | Mapping[str, str | None]"]
 Wanted = list[tuple[Rule, Budget]]
@@ -37,6 +47,31 @@ class MissingEntity(Exception):
     def __init__(self, rule: Rule) -> None:
         super().__init__(f"rule {rule.name!r} needs an entity id from {rule.describe_source()}")
         self.rule = rule
+
+
+class Exclusions:
+    """``BUDGET_EXCLUDE``: path prefixes, relative to ``root_path``, that pass unmetered."""
+
+    __slots__ = ("paths",)
+
+    def __init__(self, paths: tuple[str, ...]) -> None:
+        self.paths = tuple(p.rstrip("/") for p in paths)
+
+    def match(self, scope: Scope) -> bool:
+        path: str = scope.get("path", "")
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        return any(path == p or path.startswith(p + "/") or not p for p in self.paths)
+
+
+async def refuse_identity(send: Send, exc: AmbiguousEntity | MissingEntity, error_format: str) -> None:
+    """401 for a rule that must have an id and found none; 400 for an id given twice, differently."""
+    if isinstance(exc, MissingEntity):
+        source = exc.rule.describe_source()
+        await send_missing_entity(send, exc.rule.name, source, error_format=error_format)
+    else:
+        await send_ambiguous_entity(send, str(exc), error_format=error_format)
 
 
 class Resolver:
