@@ -21,8 +21,8 @@
 --   t:<id>      the tombstone of an expired hold: "<when it was purged ms>:<amount>"
 --   d:<id>      a settle applied as recovered: when (ms)
 -- One key and few fields keep the common paths short: a reserve is TIME, HMGET and HSET, a settle
--- HDEL and two HINCRBYs. Holds, tombstones and old windows are swept by purge passes that scan the
--- hash a batch at a time, only when `pa` says something may be due.
+-- HGET, HDEL and two HINCRBYs. Holds, tombstones and old windows are swept by purge passes that
+-- scan the hash a batch at a time, only when `pa` says something may be due.
 
 local PURGE_BATCH = 64
 local NEVER = 9007199254740991 -- 2^53 - 1

@@ -22,6 +22,12 @@
 -- The common case, one budget whose state exists, with no purge pass due and not a retry, is
 -- served first, before the helpers are defined (see _common.lua); anything else goes on to the
 -- general path below, which reuses the time and the budget's fields read so far.
+-- The admission rule (ARCHITECTURE.md section 4; ledger._types.admits is Python's): the budget has
+-- room left, and room for the whole amount, so a zero estimate cannot pass an exhausted budget.
+local function admits(limit, spent, held, amount)
+  return limit - spent - held > 0 and spent + held + amount <= limit
+end
+
 local hold = ARGV[1]
 local n = #KEYS
 if n < 1 or #ARGV ~= 3 + 3 * n or string.sub(hold, 1, 2) ~= 'h:' then
@@ -96,7 +102,7 @@ if n == 1 then
     -- An override is sent as the number read, whatever text an older version stored it as.
     local read = ' ' .. time[1] .. ' ' .. time[2] .. ' ' .. (v[3] and string.format('%d', limit) or '-')
       .. ' ' .. (v[1] or '0') .. ' ' .. (v[6] or '0') .. ' ' .. v[2]
-    if not (limit - spent - held > 0 and spent + held + amount <= limit) then
+    if not admits(limit, spent, held, amount) then
       return '0' .. read
     end
     local expiry = now + lease
@@ -146,7 +152,7 @@ for i = 1, n do
   end
   local limit = v[3] and v[3] + 0 or default
   local spent = v[6] and v[6] + 0 or 0
-  local ok = (limit - spent - held > 0) and (spent + held + amount <= limit)
+  local ok = admits(limit, spent, held, amount)
   if not ok then
     rejected = true
   end
