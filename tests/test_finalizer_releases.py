@@ -127,3 +127,35 @@ async def test_a_release_of_a_reserve_that_never_reached_the_store_is_not_queued
     assert issubclass(LedgerNotSent, LedgerUnavailable)
     assert await finalizer.drain(0.1) == 0  # a release left at shutdown is no spend lost
     assert finalizer.releases_dropped == 1
+
+
+async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def test_a_redis_that_refuses_the_connection_queues_no_release() -> None:
+    """A reserve refused at connect time never ran on the server: the Redis ledger says so
+    (LedgerNotSent), and the middleware queues no release for it, however many requests come."""
+    import socket
+
+    from budget_middleware import RedisLedger
+    from budget_middleware.ledger import LedgerNotSent
+
+    with socket.socket() as held:  # bound and never listening: every connect is refused
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        ledger = RedisLedger(f"redis://127.0.0.1:{port}/0")
+        try:
+            with pytest.raises(LedgerNotSent):
+                await ledger.reserve("0" * 32, [HoldRequest(Budget("user", "r:a", 0), 10, 1)], 60_000)
+            config = BudgetConfig(rules=(Rule("user", "header:x-user", "10", "1d"),), estimate=1)
+            mw = BudgetMiddleware(ok_app, config, ledger=ledger)
+            for n in range(20):
+                sent = RecordingSend()
+                await mw(http_scope(headers=[("x-user", f"u{n}")]), ScriptedReceive(), sent)
+                assert sent.status == 503
+            assert mw.finalizer.pending == 0
+            assert mw.finalizer.releases_dropped == 0
+        finally:
+            await ledger.aclose()

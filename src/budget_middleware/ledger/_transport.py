@@ -20,7 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
-from ._types import LedgerError, LedgerUnavailable
+from ._types import LedgerError, LedgerNotSent, LedgerUnavailable
 
 __all__ = [
     "SCRIPTS",
@@ -102,12 +102,14 @@ async def round_trip(pool: aioredis.ConnectionPool, payload: bytes, count: int) 
 
     Failures are retried as the connection's retry policy says (for a client made from a URL: once,
     on a fresh connection, when the pooled one had gone stale); every script is idempotent, so a
-    batch that ran before its connection broke runs again harmlessly. Raises ``LedgerError``.
+    batch that ran before its connection broke runs again harmlessly. Raises ``LedgerError``, and
+    ``LedgerNotSent`` when no connection could be had (nothing was written).
     """
     try:
         conn = await pool.get_connection()  # type: ignore[no-untyped-call, unused-ignore]
     except (rexc.RedisError, OSError) as exc:
-        raise wrap(exc) from exc
+        # No connection: nothing of the batch was written, so none of it can have run.
+        raise LedgerNotSent(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
 
     async def send_and_read() -> list[Any]:
         # One deadline for the whole batch instead of a timer per reply.
