@@ -11,7 +11,7 @@ import logging
 
 import anyio
 from opentelemetry import trace
-from opentelemetry.trace import INVALID_SPAN_CONTEXT, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, Span, Status, StatusCode
 
 from .config import BudgetConfig
 from .finalizer import Finalizer
@@ -111,6 +111,18 @@ class Reserver:
             span.set_attribute(ATTR.OUTCOME, "cancelled")
             span.end()
             raise
+        # The holds exist from here on, and the middleware's settling try is not open yet: nothing
+        # of the telemetry (a span processor, a metric reader) may raise out of here.
+        try:
+            return result, self._recorded(span, recording, result)
+        except Exception:
+            logger.exception("budget: recording the reserve of %s failed", rid)
+            return result, INVALID_SPAN_CONTEXT
+
+    def _recorded(
+        self, span: Span, recording: bool, result: Reservation | Rejection
+    ) -> trace.SpanContext:
+        """Counts the reserve, ends its span; the span context the settlement links to."""
         outcome = "admitted" if result.admitted else "rejected"
         if metrics_recorded():  # no calls that would do nothing while no meter provider is set
             inst = instruments()
@@ -121,8 +133,8 @@ class Reserver:
             # The request's own context, valid when an upstream trace was propagated (API-only
             # instrumentation): the on_settled hook still sees the request's trace id.
             if self._finalizer.on_settled is None:
-                return result, INVALID_SPAN_CONTEXT
-            return result, trace.get_current_span().get_span_context()
+                return INVALID_SPAN_CONTEXT
+            return trace.get_current_span().get_span_context()
         for expired in result.expired_ids:
             span.add_event(EVENT_HOLD_EXPIRED, {ATTR.RESERVATION_ID: expired})
         if recording:
@@ -136,7 +148,7 @@ class Reserver:
                 span.set_attribute(ATTR.LIMITS, [v.limit for v in result.violations])
                 span.set_attribute(ATTR.REMAINING, [v.remaining for v in result.violations])
         span.end()
-        return result, span.get_span_context()
+        return span.get_span_context()
 
     def _span_entity(self, token: str) -> str:
         return token if self._config.span_raw_ids else self._hasher.for_span(token)

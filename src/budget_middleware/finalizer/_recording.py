@@ -47,11 +47,19 @@ class Recorder:
         self.on_settled = on_settled
 
     def settled(self, s: Settlement, result: Settled, started_ns: int) -> None:
+        """Counts an applied settlement, then traces it; a span processor or metric reader that
+        raises is logged, never passed on to whoever handed the settlement over."""
         outcome = result.outcome
         counts = self._counts
         counts.applied += 1
         outcomes = counts.outcomes
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        try:
+            self._traced(s, result, outcome, started_ns)
+        except Exception:
+            logger.exception("budget: recording settlement %s failed", s.reservation_id)
+
+    def _traced(self, s: Settlement, result: Settled, outcome: str, started_ns: int) -> None:
         if metrics_recorded():  # no calls that would do nothing while no meter provider is set
             inst = instruments()
             inst.settlements.add(1, _settlement_attrs(s.reason, outcome))

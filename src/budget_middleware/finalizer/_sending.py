@@ -82,20 +82,23 @@ class Sender:
                 self._spool.requeue(batch[n:], failed=False)
                 raise
             except (LedgerUnavailable, TimeoutError) as exc:
-                self._requeue([s], exc)
-                ok = False
-                continue
+                # An outage after all: the rest waits for the batch's backoff, not a timeout each
+                # (and renewals, which run between passes, are not held up).
+                self._requeue(batch[n:], exc)
+                return False
             except LedgerError as exc:
                 # The store refused this one (out of memory, a script error): retry it a while
-                # with the batch's backoff, then give up on it so it cannot block the queue.
-                if s.attempts < _MAX_REFUSALS:
+                # with the batch's backoff, then give up on it so it cannot block the queue. Only
+                # refusals count here, not the retries of an outage before them.
+                s.refusals += 1
+                if s.refusals < _MAX_REFUSALS:
                     self._requeue([s], exc)
                     ok = False
                     continue
                 logger.error(
                     "budget: settlement %s refused %d times (%s); counted as lost",
                     s.reservation_id,
-                    s.attempts,
+                    s.refusals,
                     exc,
                 )
                 self._give_up(s)

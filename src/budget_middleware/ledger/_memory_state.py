@@ -6,7 +6,15 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-__all__ = ["HEAP_SLACK", "PURGE_BATCH", "BudgetState", "compact", "purge_expired", "tidy_windows"]
+__all__ = [
+    "HEAP_SLACK",
+    "PURGE_BATCH",
+    "BudgetState",
+    "compact",
+    "forget_older",
+    "purge_expired",
+    "tidy_windows",
+]
 
 # At most this many expired holds are purged by one operation (the rest on later ones).
 PURGE_BATCH = 64
@@ -54,10 +62,22 @@ def purge_expired(st: BudgetState, now: int, horizon_ms: int, expired_ids: list[
         expired_ids.append(rid)
         purged += 1
     if purged:
-        cutoff = now - horizon_ms
-        for rid in [r for r, (t, _) in st.expired.items() if t <= cutoff]:
-            del st.expired[rid]
+        forget_older(st.expired, now - horizon_ms)
     return purged
+
+
+def forget_older(records: dict[str, tuple[int, int]] | dict[str, int], cutoff: int) -> None:
+    """Drop the records made at or before ``cutoff``. They are kept in the order they were made
+    (their time is the ledger's clock at insertion), so only the old ones at the front are looked
+    at: the work is what is dropped, not what is kept."""
+    old = []
+    for rid, record in records.items():
+        made = record[0] if isinstance(record, tuple) else record
+        if made > cutoff:
+            break
+        old.append(rid)
+    for rid in old:
+        del records[rid]
 
 
 def tidy_windows(st: BudgetState, period_ms: int, written: int, now: int) -> None:

@@ -209,6 +209,7 @@ class Settlement:
     trace_id: str = ""
     never_sent: bool = False
     journaled: bool = False
+    refusals: int = 0  # the finalizer's: how often the store refused it (not an outage)
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from ..amounts import check_micros
 from ..budgets import Budget
-from ._memory_state import HEAP_SLACK, BudgetState, compact, purge_expired, tidy_windows
+from ._memory_state import HEAP_SLACK, BudgetState, compact, forget_older, purge_expired, tidy_windows
 from ._types import (
     HeldBudget,
     HoldRequest,
@@ -293,9 +293,7 @@ class MemoryLedger:
         else:
             outcome = "recovered"
             st.done[rid] = now
-            cutoff = now - self.horizon_ms
-            for done_id in [d for d, t in st.done.items() if t <= cutoff]:
-                del st.done[done_id]
+            forget_older(st.done, now - self.horizon_ms)
         if actual and window >= 0:
             spent = st.spent
             before = spent.get(window)

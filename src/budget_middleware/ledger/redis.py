@@ -26,6 +26,7 @@ from ._transport import Call, load_scripts, pack_command, pack_evalsha, round_tr
 from ._types import (
     HeldBudget,
     HoldRequest,
+    LedgerNotSent,
     LedgerUnavailable,
     Rejection,
     Renewed,
@@ -168,7 +169,13 @@ class RedisLedger:
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in (0, 1):
-            replies = await self._pipeline([calls[i] for i in todo], wait=wait)
+            try:
+                replies = await self._pipeline([calls[i] for i in todo], wait=wait)
+            except LedgerNotSent as exc:
+                if attempt == 0 or len(todo) == len(calls):
+                    raise
+                # The first round ran some of the calls: the batch as a whole did reach the store.
+                raise LedgerUnavailable(str(exc)) from exc
             if wait:
                 acked = replies.pop()
                 if isinstance(acked, int) and acked < self.wait_replicas:
