@@ -1,4 +1,4 @@
-"""Budgets and where they live: the storage side of the package (DESIGN.md section 5).
+"""Budgets and where they live: the storage side of the package (ARCHITECTURE.md section 5).
 
 A budget is one rule applied to one entity (an entity token made by ``identity.py``); ``KeyLayout``
 names its Redis hash. The ledgers import this module only: nothing here knows of HTTP.

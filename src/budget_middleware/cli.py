@@ -48,7 +48,7 @@ EXIT_USAGE = 2  # what was typed or configured is wrong (argparse's own code)
 EXIT_INTERRUPTED = 130
 # Each ledger call has its own socket timeout; this bounds a whole command (a slow Cluster discovery).
 LEDGER_DEADLINE_S = 30.0
-# The tokens these commands print: a raw id, or a digest (keys.py makes both).
+# The tokens these commands print: a raw id, or a digest (identity.py makes both).
 _TOKEN = re.compile(r"r:[A-Za-z0-9._@-]{1,64}|h:[0-9a-f]{32}")
 
 

@@ -1,4 +1,4 @@
-"""Configuration: rules, durations, and ``BudgetConfig.from_env()`` (DESIGN.md section 9).
+"""Configuration: rules, durations, and ``BudgetConfig.from_env()`` (ARCHITECTURE.md section 8).
 
 Every setting can come from ``BUDGET_*`` environment variables (read with ``starlette.config``) or be
 passed in Python. A malformed variable fails at start-up with a message naming it and its value.

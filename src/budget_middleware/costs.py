@@ -8,6 +8,7 @@ answers 400 when the request is at fault (see ``EstimateError``), and otherwise 
 
 from __future__ import annotations
 
+import enum
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,19 +27,22 @@ if TYPE_CHECKING:
     from .config import BudgetConfig
 
 __all__ = [
-    "ANSWERED",
-    "RUN_UNMETERED",
     "EstimateError",
     "Estimator",
+    "Refused",
     "estimate_micros",
     "estimate_or_refuse",
 ]
 
 logger = logging.getLogger("budget_middleware")
 
-# What ``estimate_or_refuse`` returns instead of an estimate when the estimate failed.
-RUN_UNMETERED = -1  # failing open: the request runs without a reservation
-ANSWERED = -2  # a 400 or 500 has been sent
+
+class Refused(enum.Enum):
+    """What ``estimate_or_refuse`` returns instead of an estimate when the estimate failed."""
+
+    RUN_UNMETERED = "unmetered"  # failing open: the request runs without a reservation
+    ANSWERED = "answered"  # a 400 or 500 has been sent
+
 
 # What an estimator raises when the request it reads is malformed: the client's error.
 _CLIENT_ERRORS = (ValueError, LookupError, TypeError, ClientDisconnect)
@@ -87,10 +91,10 @@ async def estimate_micros(
 
 async def estimate_or_refuse(
     estimator: Estimator | None, request: Request, send: Send, config: BudgetConfig
-) -> int:
-    """The estimate in micro-units; ``RUN_UNMETERED`` when it failed and the fail mode is open;
-    ``ANSWERED`` once a 400 (the request is at fault) or a 500 has been sent. A failure changes no
-    budget, and is recorded on a ``budget.reserve`` span of outcome ``error``."""
+) -> int | Refused:
+    """The estimate in micro-units; ``Refused.RUN_UNMETERED`` when it failed and the fail mode is
+    open; ``Refused.ANSWERED`` once a 400 (the request is at fault) or a 500 has been sent. A
+    failure changes no budget, and is recorded on a ``budget.reserve`` span of outcome ``error``."""
     try:
         return await estimate_micros(estimator, request, config.estimate, config.max_hold)
     except EstimateError as exc:
@@ -102,8 +106,8 @@ async def estimate_or_refuse(
         else:
             logger.error("budget: %s", exc)
             if config.fail_mode == "open":
-                return RUN_UNMETERED
+                return Refused.RUN_UNMETERED
         await send_estimate_failed(
             send, str(exc), client_error=exc.client_error, error_format=config.error_format
         )
-        return ANSWERED
+        return Refused.ANSWERED

@@ -1,4 +1,4 @@
-"""The settlement journal: settlements not yet applied, kept on local disk (DESIGN.md section 7).
+"""The settlement journal: settlements not yet applied, kept on local disk (ARCHITECTURE.md section 7).
 
 ``BUDGET_JOURNAL=<dir>``. Each process (each ``Journal``) appends to a file of its own,
 ``journal-<pid>-<random>.jsonl``, and holds an exclusive ``flock`` on it for as long as it lives, so
@@ -17,7 +17,8 @@ warning.
 At start-up the finalizer ``claim``\\ s the files nobody holds: their unapplied settlements are copied
 into its own file (fsync'd) and the dead files deleted, so they are applied like its own, with retries,
 and a process dying during the replay leaves them in its own file for the next one. Replaying is safe
-because settlement is idempotent (DESIGN.md section 4): a settlement applied twice is a ``duplicate``.
+because settlement is idempotent (ARCHITECTURE.md section 4): a settlement applied twice is a
+``duplicate``.
 
 Compaction: when the own file has grown past ``compact_bytes`` (and twice its size after the last
 compaction), it is rewritten with only its unapplied settlements, atomically (a new locked file

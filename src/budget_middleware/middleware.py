@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .amounts import format_micros
 from .config import BudgetConfig, ConfigError
-from .costs import RUN_UNMETERED, Estimator, estimate_or_refuse
+from .costs import Estimator, Refused, estimate_or_refuse
 from .finalizer import Finalizer
 from .handle import RequestBudget, get_reservation
 from .identity import AmbiguousEntity, EntityHasher
@@ -206,13 +206,13 @@ class BudgetMiddleware:
             return
 
         # 2. How much to hold.
-        estimate = self._fixed_estimate
+        estimate: int | Refused = self._fixed_estimate
         if self._estimator is not None and request is not None:
             estimate = await estimate_or_refuse(self._estimator, request, send, self.config)
         if body_read:  # what a hook read goes to the app as it came
             receive = replaying(body_read, receive)
-        if estimate < 0:
-            if estimate == RUN_UNMETERED:
+        if isinstance(estimate, Refused):
+            if estimate is Refused.RUN_UNMETERED:
                 await self._unmetered(scope, receive, send, "estimate failed")
             return  # else answered: the estimate failed
 

@@ -1,4 +1,4 @@
-"""OpenTelemetry names and instruments (DESIGN.md section 8).
+"""OpenTelemetry names and instruments (ARCHITECTURE.md section 8).
 
 The package depends on ``opentelemetry-api`` only: without an SDK every call below is a no-op.
 This module imports nothing of the package.

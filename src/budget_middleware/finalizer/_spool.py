@@ -1,4 +1,5 @@
-"""The spool: the settlements waiting for the ledger, and the journal that keeps them (DESIGN.md 7).
+"""The spool: the settlements waiting for the ledger, and the journal that keeps them (see
+ARCHITECTURE.md, section 7).
 
 Each settlement knows whether it is journaled (``Settlement.journaled``). New ones are appended to the
 queue and listed as unwritten; the worker journals the unwritten ones (one write, one fsync, in a

@@ -1,4 +1,4 @@
-"""Ledgers: the memory and Redis stores behind budgets, one contract (DESIGN.md section 4)."""
+"""Ledgers: the memory and Redis stores behind budgets, one contract (ARCHITECTURE.md section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ledger contract: result types and the ``Ledger`` protocol (DESIGN.md section 4)."""
+"""The ledger contract: result types and the ``Ledger`` protocol (ARCHITECTURE.md section 4)."""
 
 from __future__ import annotations
 
@@ -78,9 +78,10 @@ def check_lease(lease_ms: int, horizon_ms: int) -> None:
 
 
 def admits(limit: int, spent: int, held: int, amount: int) -> bool:
-    """The admission rule, the one place it is written in Python (``_common.lua`` has Redis's): a
-    hold of ``amount`` is admitted only while the budget has room, ``remaining > 0``, and it fits,
-    ``spent + held + amount <= limit``, so a zero estimate cannot pass an exhausted budget."""
+    """The admission rule, the one place it is written in Python (``reserve.lua``'s ``admits`` is
+    Redis's): a hold of ``amount`` is admitted only while the budget has room, ``remaining > 0``,
+    and it fits, ``spent + held + amount <= limit``, so a zero estimate cannot pass an exhausted
+    budget."""
     left = limit - spent - held
     return left > 0 and amount <= left
 

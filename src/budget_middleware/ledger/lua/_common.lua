@@ -6,7 +6,7 @@
 --
 -- A budget is one HASH, passed as one key: <prefix>:{<rule>:<entity>}. Its fields:
 --   held        integer micro-units: the sum of live holds
---   epoch       random token of this budget's state (DESIGN.md 4): '<id>:<s>.<us>', the id of
+--   epoch       random token of this budget's state (ARCHITECTURE.md 4): '<id>:<s>.<us>', the id of
 --               the reservation whose hold made it and the server's TIME then
 --   limit       optional per-entity limit override (an operator's setting: the hash then has no TTL)
 --   ttl         until when (ms) the hash's TTL is armed; -1 while it has none (a lifetime budget, or
