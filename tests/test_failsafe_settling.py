@@ -172,3 +172,46 @@ async def test_recording_that_raises_never_escapes_submit(monkeypatch: pytest.Mo
     usage = await ledger.usage(BUDGET, 10**9)
     assert (usage.spent, usage.held) == (5, 0)
     assert finalizer.applied == 1
+
+
+async def test_a_spill_still_being_written_when_the_process_is_abandoned_is_journaled(
+    tmp_path: Any,
+) -> None:
+    """Settlements over the pending bound are written to the journal by a task of their own, in a
+    worker thread. A shutdown cut short while that write runs must still keep them: before, the
+    batch in flight was in neither the queue nor the spill buffer, so abandon() saw none of it."""
+    import threading
+
+    from budget_middleware.journal import Journal, read_unapplied
+
+    release = threading.Event()
+    spill_started = threading.Event()
+
+    class SlowSpill(Journal):
+        def write(self, settlements: Sequence[Settlement] = (), applied: Any = ()) -> None:
+            if settlements and not spill_started.is_set():
+                spill_started.set()
+                release.wait(10)  # the disk stalls on this one write, which then never lands:
+                return  # what a process that ends meanwhile leaves of it
+            super().write(settlements, applied)
+
+    ledger = TroubledLedger(outage=10**9)  # Redis down the whole time
+    finalizer = Finalizer(
+        ledger, journal=SlowSpill(tmp_path), max_pending=2, retry_base_s=0.01, retry_cap_s=0.02
+    )
+    handed = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(finalizer.run)
+        for amount in range(1, 5):  # two queued, two over the bound: spilled
+            r = admitted(ledger, amount)
+            s = Settlement(r.id, r.holds, amount, "completed", amount)
+            handed.append(s.reservation_id)
+            finalizer.submit(s)
+        # The write runs in a worker thread: wait for it there, with a deadline.
+        assert await anyio.to_thread.run_sync(spill_started.wait, 10)
+        lost = finalizer.abandon("the process is ending")  # while the spill write is stalled
+        release.set()
+        tg.cancel_scope.cancel()
+    journaled = {s.reservation_id for path in tmp_path.glob("*.jsonl") for s in read_unapplied(path)}
+    assert (lost, finalizer.lost) == (0, 0)
+    assert set(handed) <= journaled

@@ -71,6 +71,9 @@ class Spool:
         self._marks: list[str] = []  # ids applied, to mark with the next write
         self._spill: list[Settlement] = []  # over the bound: for the spill task to journal
         self._spilling = 0
+        # The spill batch being written in a worker thread: shutdown counts it too, or a process
+        # that ends before the write finished would lose it without a word.
+        self._spilling_batch: list[Settlement] = []
         self._spill_wakeup: anyio.Event | None = None
         self.backlog = False  # the own journal file may hold settlements not in memory
         self._journal_failed = False
@@ -298,6 +301,7 @@ class Spool:
                 continue
             batch, self._spill = self._spill, []
             self._spilling = len(batch)
+            self._spilling_batch = batch
             with anyio.CancelScope(shield=True):
                 try:
                     await anyio.to_thread.run_sync(journal.write, batch, ())
@@ -327,6 +331,7 @@ class Spool:
                         )
                 finally:
                     self._spilling = 0
+                    self._spilling_batch = []
             self._wake()
 
     # -- shutdown: synchronous, the worker is gone -----------------------------------------------
@@ -344,7 +349,8 @@ class Spool:
 
     def _count_lost(self, why: str) -> int:
         self._unwritten = []
-        spill, self._spill = self._spill, []
+        spill, self._spill = [*self._spilling_batch, *self._spill], []
+        self._spilling_batch = []
         left = len(self.pending) + len(spill)
         if not left:
             return 0
@@ -365,7 +371,9 @@ class Spool:
     def _shelve(self, journal: Journal, why: str) -> bool:
         pending = list(self.pending)
         fresh = [s for s in pending if not s.journaled]
-        spill, marks = self._spill, self._marks
+        # A spill batch whose write may not have finished is written again: a line twice is read
+        # once (by its id), a line missing is spend lost.
+        spill, marks = [*self._spilling_batch, *self._spill], self._marks
         left = len(pending) + len(spill)
         try:
             journal.write([*fresh, *spill], marks)
