@@ -34,7 +34,7 @@ from budget_middleware.identity import (
     plain_id,
 )
 from budget_middleware.ledger import HeldBudget
-from budget_middleware.responses import admitted_headers, hold_headers, rate_limit_headers
+from budget_middleware.responses import admitted_headers, rate_limit_headers
 from budget_middleware.telemetry import SPAN_RESERVE, spans_recorded
 
 AMOUNTS = [
@@ -110,7 +110,8 @@ def test_one_holds_ratelimit_headers_are_the_general_ones(
 
 def test_the_ratelimit_policy_cache_is_bounded() -> None:
     for n in range(3_000):
-        hold_headers("user", n, DAY_MS, n, None, 0)
+        hold = HeldBudget(Budget("user", "r:alice", DAY_MS), 5, 0, "e", n, n, None)
+        admitted_headers([hold], 0)
         assert len(responses_module._single_policy_cache) <= 1024
 
 

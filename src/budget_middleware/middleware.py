@@ -53,9 +53,7 @@ from .responses import (
     send_unavailable,
 )
 from .setup_checks import setup_warnings
-from .telemetry import (
-    instruments,
-)
+from .telemetry import instruments
 from .watcher import ResponseWatcher
 
 __all__ = ["BudgetMiddleware", "RequestBudget", "get_reservation"]

@@ -18,7 +18,6 @@ from .amounts import format_micros
 from .ledger import HeldBudget, Violation
 
 __all__ = [
-    "hold_headers",
     "rate_limit_headers",
     "send_ambiguous_entity",
     "send_config_invalid",
@@ -86,15 +85,6 @@ def admitted_headers(holds: Sequence[HeldBudget], now_ms: int) -> Headers:
     budget = h.budget
     policy, start = hold_head(budget.rule, h.limit, budget.period_ms)
     return headers_from_head(policy, start, h.remaining, h.reset_ms, now_ms)
-
-
-def hold_headers(
-    rule: str, limit: int, period_ms: int, remaining: int, reset_ms: int | None, now_ms: int
-) -> Headers:
-    """``rate_limit_headers`` of one budget: the policy header and the start of the other are one
-    cache lookup (``hold_head``), and only the two numbers that change are formatted."""
-    policy, start = hold_head(rule, limit, period_ms)
-    return headers_from_head(policy, start, remaining, reset_ms, now_ms)
 
 
 def headers_from_head(
