@@ -171,3 +171,41 @@ class TestFormatMicros:
         assert to_decimal(0) == Decimal(0)
         assert to_decimal(1_500_000) == Decimal("1.5")
         assert to_decimal(1) == Decimal("0.000001")
+
+
+class TestCostsRoundUp:
+    """A cost (a charge, an estimator's answer) finer than one micro-unit is rounded up, never
+    refused: refusing it failed the request and recorded no spend (found following the README:
+    ``max_tokens * 0.00002`` in floats was refused for 123 tokens)."""
+
+    @pytest.mark.parametrize(
+        ("value", "micros"),
+        [
+            (0.1 + 0.2, 300_000),  # float noise is not a fraction of a micro-unit
+            (123 * 0.00002, 2_460),
+            (0.0012300000000000002, 1_230),
+            (Decimal(1234) * Decimal("0.00000015"), 186),  # $0.15 per million tokens: exact, up
+            ("0.0000001", 1),
+            (1e-7, 1),
+            (Decimal("1E-10"), 1),
+            ("1.0000001", 1_000_001),
+            (0, 0),
+            ("0.000001", 1),
+        ],
+        ids=repr,
+    )
+    def test_a_cost_is_rounded_up_to_the_micro_unit(self, value: object, micros: int) -> None:
+        assert to_micros(value, what="charge", round_up=True) == micros  # type: ignore[arg-type]
+
+    def test_a_charge_rounds_up_through_the_handle(self) -> None:
+        from budget_middleware.handle import RequestBudget
+
+        handle = RequestBudget(metered=True, reservation_id="r", rules=("user",), estimate=10)
+        handle.charge(0.1 + 0.2)
+        handle.charge("0.0000001")
+        assert handle.charged == Decimal("0.300001")
+
+    @pytest.mark.parametrize("value", [-1e-7, float("nan"), "abc", True])
+    def test_what_is_not_a_cost_is_still_refused(self, value: object) -> None:
+        with pytest.raises(ValueError, match="charge"):
+            to_micros(value, what="charge", round_up=True)  # type: ignore[arg-type]

@@ -710,7 +710,6 @@ BAD_AMOUNTS = [
     pytest.param("1e999999", id="huge-1e999999"),
     pytest.param("99999999999", id="above-the-exact-range"),
     pytest.param("abc", id="malformed"),
-    pytest.param("0.0000001", id="sub-micro"),
     pytest.param(True, id="bool"),
     pytest.param(None, id="none"),
 ]
@@ -760,7 +759,6 @@ BAD_HEADER_VALUES = [
     pytest.param(b"1e999999", id="huge"),
     pytest.param(b"abc", id="malformed"),
     pytest.param(b"1,5", id="comma"),
-    pytest.param(b"0.0000001", id="sub-micro"),
     pytest.param(b"", id="empty"),
     pytest.param(b"\xff\xfe", id="non-ascii"),
 ]
@@ -848,7 +846,6 @@ BAD_ESTIMATORS = [
     pytest.param(returning(False), id="false"),
     pytest.param(returning(float("inf")), id="inf"),
     pytest.param(returning("1e999999"), id="huge"),
-    pytest.param(returning("0.0000001"), id="sub-micro"),
     pytest.param(returning([1]), id="list"),
 ]
 

@@ -870,7 +870,7 @@ class TestReportedChargesWin:
             await h.request()
         await h.assert_settled_once("error", 0)
 
-    @pytest.mark.parametrize("value", [b"abc", b"-1", b"NaN", b"1e999999", b"0.0000001"])
+    @pytest.mark.parametrize("value", [b"abc", b"-1", b"NaN", b"1e999999"])
     async def test_a_bad_charge_header_is_ignored_logged_and_the_estimate_charged(
         self, make_harness: HarnessFactory, caplog: pytest.LogCaptureFixture, value: bytes
     ) -> None:

@@ -221,3 +221,24 @@ async def test_a_reserve_that_never_reached_the_store_queues_no_release(
     await settle_all(finalizer)
     assert [s.reason for s, _ in log.entries] == ["release-unavailable"] * releases
     assert finalizer.pending == 0
+
+
+async def test_an_estimate_computed_in_floats_is_held_rounded_up_not_refused() -> None:
+    """``max_tokens * price`` in floats (123 * 0.00002 == 0.0024600000000000004) was a 500."""
+    seen: list[Any] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["state"]["budget"].estimate)
+        await ok(scope, receive, send)
+
+    async def by_tokens(request: Request) -> Any:
+        return json.loads(await request.body())["max_tokens"] * 0.00002
+
+    ledger = MemoryLedger()
+    mw = BudgetMiddleware(app, config(), ledger=ledger, estimate=by_tokens)
+    send = RecordingSend()
+    await mw(http_scope(method="POST", headers=HEADERS), ScriptedReceive(b'{"max_tokens": 123}'), send)
+    await settle_all(mw.finalizer)
+    assert send.status == 200
+    assert [str(e) for e in seen] == ["0.00246"]
+    assert await spent_and_held(ledger) == (2_460, 0, 0)

@@ -7,23 +7,27 @@ This module imports nothing of the package.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 __all__ = ["MICROS", "Amount", "format_micros", "to_micros"]
 
 MICROS = 1_000_000
 _MICRO_EXP = Decimal("0.000001")
+_NOISE_EXP = Decimal("1E-12")
 # Far above any real budget, far below where Lua's doubles stop being exact (2**53).
 _MAX_MICROS = 2**52
 
 Amount = Decimal | int | float | str
 
 
-def to_micros(value: Amount, *, what: str = "amount") -> int:
+def to_micros(value: Amount, *, what: str = "amount", round_up: bool = False) -> int:
     """Convert a user-supplied amount to integer micro-units.
 
-    Rejects, with a ``ValueError`` that names the value: booleans, NaN, infinities, negatives,
-    values finer than one micro-unit (they would round silently) and values too large to be exact.
+    Rejects, with a ``ValueError`` that names the value: booleans, NaN, infinities, negatives and
+    values too large to be exact. A value finer than one micro-unit is refused too (a limit or a
+    configured estimate of that kind is a typo), unless ``round_up``: a cost (a charge, or what an
+    estimator returns) is then rounded up to the next micro-unit, so spend is never under-counted,
+    and a float is first rid of its binary noise (``0.1 + 0.2`` is 0.3, not 0.300001).
     """
     if type(value) is int and 0 <= value <= _MAX_MICROS // MICROS:  # the common case, exact
         return value * MICROS
@@ -34,6 +38,10 @@ def to_micros(value: Amount, *, what: str = "amount") -> int:
     elif isinstance(value, float):
         # repr() gives the shortest decimal that round-trips: 0.1 -> "0.1", not 0.1000000000000000055
         dec = Decimal(repr(value))
+        if round_up and dec.is_finite() and dec.adjusted() < 16:
+            # Float arithmetic leaves noise far below a micro-unit (0.1 + 0.2 == 0.30000000000000004):
+            # kept to 1e-12, what a cost computed in floats means.
+            dec = dec.quantize(_NOISE_EXP, rounding=ROUND_HALF_EVEN)
     elif isinstance(value, Decimal):
         dec = value
     elif isinstance(value, str):
@@ -52,7 +60,9 @@ def to_micros(value: Amount, *, what: str = "amount") -> int:
         raise ValueError(f"{what} {value!r} is too large (at most {format_micros(_MAX_MICROS)})")
     scaled = dec * MICROS
     if scaled != scaled.to_integral_value():
-        raise ValueError(f"{what} {value!r} is finer than one micro-unit (1e-6) and would round")
+        if not round_up:
+            raise ValueError(f"{what} {value!r} is finer than one micro-unit (1e-6) and would round")
+        scaled = scaled.to_integral_value(rounding=ROUND_CEILING)
     micros = int(scaled)
     if micros > _MAX_MICROS:
         raise ValueError(f"{what} {value!r} is too large (at most {format_micros(_MAX_MICROS)})")

@@ -81,7 +81,7 @@ async def estimate_micros(
                 client_error=isinstance(exc, _CLIENT_ERRORS),
             ) from exc
         try:
-            micros = to_micros(value, what="estimate")
+            micros = to_micros(value, what="estimate", round_up=True)
         except ValueError as exc:
             raise EstimateError(str(exc)) from None
     if max_hold is not None and micros > max_hold:

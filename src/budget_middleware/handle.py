@@ -50,8 +50,10 @@ class RequestBudget:
     def charge(self, amount: Amount) -> None:
         """Report actual cost; may be called many times (per streamed chunk, say), it adds up.
 
-        Any call, even ``charge(0)``, makes the reported total the actual cost of the request.
-        Raises ``ValueError`` for a negative, NaN, infinite or malformed amount (nothing is charged)
+        Any call, even ``charge(0)``, makes the reported total the actual cost of the request. An
+        amount finer than one micro-unit is rounded up to the next one (a float's binary noise
+        aside). Raises ``ValueError`` for a negative, NaN, infinite or malformed amount (nothing is
+        charged)
         and ``RuntimeError`` after the request's settlement was handed over.
         """
         micros = charge_micros(amount, "charge")
@@ -116,7 +118,7 @@ def charge_micros(amount: Amount, what: str) -> int:
                 _plain.clear()
             _plain[amount] = micros
             return micros
-    return to_micros(amount, what=what)
+    return to_micros(amount, what=what, round_up=True)
 
 
 # Plain decimal strings already converted by ``charge_micros``: at most 1024 short strings.
