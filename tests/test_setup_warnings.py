@@ -186,3 +186,71 @@ async def test_the_middleware_logs_its_warnings_once_at_start_up(
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     no_rules = [r for r in caplog.records if "every request passes unmetered" in r.getMessage()]
     assert len(no_rules) == 1
+
+
+async def test_without_a_lifespan_the_warnings_are_logged_once_at_the_first_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``uvicorn --lifespan off``: before, nothing was logged at all."""
+    import logging
+
+    from asgi_helpers import RecordingSend, ScriptedReceive, http_scope
+    from budget_middleware import BudgetMiddleware, MemoryLedger
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = BudgetConfig(rules=(Rule("user", "header:x-user", "1"),), estimate=2_000_000)
+    mw = BudgetMiddleware(app, config, ledger=MemoryLedger())
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        for _ in range(3):
+            await mw(http_scope(headers=[("x-user", "a")]), ScriptedReceive(), RecordingSend())
+        await mw.finalizer.drain(2)
+    above = [r for r in caplog.records if "above" in r.getMessage() and "limit" in r.getMessage()]
+    assert len(above) == 1, [r.getMessage() for r in caplog.records]
+
+
+async def test_with_a_lifespan_requests_log_nothing_more(caplog: pytest.LogCaptureFixture) -> None:
+    """The lifespan logged the warnings at start-up; its requests must not log them again."""
+    import logging
+
+    import anyio
+
+    from asgi_helpers import RecordingSend, ScriptedReceive, http_scope
+    from budget_middleware import BudgetMiddleware, MemoryLedger
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = BudgetConfig(rules=(Rule("user", "header:x-user", "1"),), estimate=2_000_000)
+    mw = BudgetMiddleware(app, config, ledger=MemoryLedger())
+    to_app, from_server = anyio.create_memory_object_stream[dict[str, Any]](4)
+    started = anyio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
+
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"), to_app, from_server:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                mw, {"type": "lifespan", "asgi": {"version": "3.0"}}, from_server.receive, send
+            )
+            await to_app.send({"type": "lifespan.startup"})
+            with anyio.fail_after(5):
+                await started.wait()
+            for _ in range(3):
+                await mw(http_scope(headers=[("x-user", "a")]), ScriptedReceive(), RecordingSend())
+            await to_app.send({"type": "lifespan.shutdown"})
+    above = [r for r in caplog.records if "above" in r.getMessage() and "limit" in r.getMessage()]
+    assert len(above) == 1, [r.getMessage() for r in caplog.records]

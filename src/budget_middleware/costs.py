@@ -107,7 +107,5 @@ async def estimate_or_refuse(
             logger.error("budget: %s", exc)
             if config.fail_mode == "open":
                 return Refused.RUN_UNMETERED
-        await send_estimate_failed(
-            send, str(exc), client_error=exc.client_error, error_format=config.error_format
-        )
+        await send_estimate_failed(send, client_error=exc.client_error, error_format=config.error_format)
         return Refused.ANSWERED

@@ -33,7 +33,7 @@ from .ledger import (
     new_reservation_id,
     redis_ledger_from_url,
 )
-from .lifespan import serve_lifespan
+from .lifespan import log_startup, serve_lifespan
 from .reserving import OUTCOME_ATTRS, Reserver
 from .resolve import (
     Exclusions,
@@ -95,6 +95,7 @@ class BudgetMiddleware:
         # A malformed BUDGET_* variable stops the server at start (the lifespan answers
         # startup.failed naming it) and every request gets a 500 saying so, never a traceback.
         self._startup_error: str | None = None
+        self._logged_startup = False  # the configuration and its warnings, once per process
         self._python_config = config is not None
         if config is None:
             try:
@@ -144,6 +145,7 @@ class BudgetMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":  # the finalizer lives around the app's lifespan
+                self._logged_startup = True  # at lifespan.startup, by serve_lifespan
                 await serve_lifespan(
                     self.app,
                     scope,
@@ -153,18 +155,15 @@ class BudgetMiddleware:
                     ledger=self.ledger,
                     finalizer=self.finalizer,
                     startup_error=self._startup_error,
-                    warnings=setup_warnings(
-                        self.config,
-                        python_config=self._python_config,
-                        environ=os.environ,
-                        estimator=self._estimator is not None,
-                    ),
+                    warnings=self._setup_warnings(),
                 )
             else:  # websockets and anything else pass through unmetered
                 await self.app(scope, receive, send)
             return
+        if not self._logged_startup:  # no lifespan: say at the first request what it would have
+            self._log_startup_without_lifespan()
         if self._startup_error is not None:
-            await send_config_invalid(send, self._startup_error)
+            await send_config_invalid(send)
             return
         state: dict[str, Any] | None = scope.get("state")
         if state is None:
@@ -316,6 +315,21 @@ class BudgetMiddleware:
                 format_micros(actual),
                 format_micros(estimate),
             )
+
+    def _setup_warnings(self) -> list[str]:
+        return setup_warnings(
+            self.config,
+            python_config=self._python_config,
+            environ=os.environ,
+            estimator=self._estimator is not None,
+        )
+
+    def _log_startup_without_lifespan(self) -> None:
+        self._logged_startup = True
+        if self._startup_error is not None:
+            logger.error("%s; every request is answered 500 until it is fixed", self._startup_error)
+        else:
+            log_startup(self.config, self.ledger, self._setup_warnings())
 
     async def _unmetered(self, scope: Scope, receive: Receive, send: Send, reason: str) -> None:
         """Run the app without a reservation; the handle says why."""

@@ -298,16 +298,14 @@ async def send_identify_failed(send: Send, *, error_format: str) -> None:
     )
 
 
-async def send_estimate_failed(
-    send: Send, detail: str, *, client_error: bool, error_format: str
-) -> None:
+async def send_estimate_failed(send: Send, *, client_error: bool, error_format: str) -> None:
     """400 when the request is at fault (a body that cannot be read: not worth a retry), else 500."""
     if client_error:
         await send_problem(
             send,
             400,
             "Request cannot be estimated",
-            f"the request's body cannot be read to estimate its cost: {detail}",
+            "the request's body cannot be read to estimate its cost",
             error_format=error_format,
             code="budget_invalid_request",
             headers=[(b"x-should-retry", b"false")],
@@ -323,14 +321,14 @@ async def send_estimate_failed(
     )
 
 
-async def send_config_invalid(send: Send, detail: str) -> None:
+async def send_config_invalid(send: Send) -> None:
     """Every request of a middleware whose BUDGET_* configuration is malformed (with no lifespan
-    to stop the server at start): the error, never a traceback."""
+    to stop the server at start): a fixed text; the error itself is in the server's log."""
     await send_problem(
         send,
         500,
         "budget configuration invalid",
-        detail,
+        "the budget middleware's configuration is invalid; the server's log says why",
         error_format="problem",
         code="budget_configuration_invalid",
     )
