@@ -10,9 +10,11 @@ does not wait for it to wake by itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import anyio.lowlevel
+import pytest
 
 from asgi_helpers import wait_until
 from budget_middleware.budgets import Budget
@@ -143,3 +145,33 @@ async def test_a_drain_does_not_wait_for_the_idle_worker_to_wake_by_itself() -> 
         assert not fin.running
         tg.cancel_scope.cancel()
     assert fin.outcomes == {"applied": 1}
+
+
+async def test_waiting_for_running_requests_does_not_spin_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A waiter for running requests (what ``drain`` does first) needs a notification when one
+    hands its settlement over, not worker passes: with one request in flight and nothing due, the
+    worker stays asleep while the waiter waits."""
+    ledger = CountingExtends()
+    fin = Finalizer(ledger, lease_ms=60_000)
+    passes = 0
+    renew_due = Renewals.renew_due
+
+    async def counting_renew_due(self: Renewals, *args: Any) -> None:
+        nonlocal passes
+        passes += 1
+        await renew_due(self, *args)
+
+    monkeypatch.setattr(Renewals, "renew_due", counting_renew_due)
+    async with anyio.create_task_group() as tg:
+        await tg.start(fin.run)
+        r = reservation(ledger, 60_000)
+        fin.track(r)
+        before = passes
+        assert not await fin.wait_idle(0.3, requests=True)  # the request still runs
+        spun = passes - before
+        fin.submit(Settlement(r.id, r.holds, 1, "completed", 1))
+        assert await fin.wait_idle(5, requests=True)
+        tg.cancel_scope.cancel()
+    assert spun < 50, f"the worker looped {spun} times while one request ran"
