@@ -254,3 +254,13 @@ async def test_with_a_lifespan_requests_log_nothing_more(caplog: pytest.LogCaptu
             await to_app.send({"type": "lifespan.shutdown"})
     above = [r for r in caplog.records if "above" in r.getMessage() and "limit" in r.getMessage()]
     assert len(above) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_a_count_that_is_not_a_number_is_said_so_in_words() -> None:
+    """Before, ``BUDGET_MAX_PENDING=lots`` answered with Python's own int() error."""
+    from budget_middleware.config import ConfigError
+
+    environ = {"BUDGET_KEY": "const:x", "BUDGET_LIMIT": "1", "BUDGET_MAX_PENDING": "lots"}
+    with pytest.raises(ConfigError) as refused:
+        BudgetConfig.from_env(environ)
+    assert str(refused.value) == "BUDGET_MAX_PENDING='lots': must be a whole number"

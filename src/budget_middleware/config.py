@@ -264,14 +264,20 @@ def _from_config(env: Config) -> BudgetConfig:
             return False
         raise ValueError("must be true or false")
 
+    def whole(v: str) -> int:
+        try:
+            return int(v)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+
     def positive(v: str) -> int:
-        n = int(v)
+        n = whole(v)
         if n < 1:
             raise ValueError("must be at least 1")
         return n
 
     def count(v: str) -> int:
-        n = int(v)
+        n = whole(v)
         if n < 0:
             raise ValueError("must not be negative")
         return n

@@ -134,8 +134,11 @@ def check_redis_url(url: str) -> None:
         if not urlsplit(url).path:
             raise ValueError("unix:// URL: name the socket's path, unix:///path/to/redis.sock")
     else:
-        host_port = urlsplit(url).netloc.rpartition("@")[2]
-        _host_port(host_port, 6379, scheme)
+        parts = urlsplit(url)
+        _host_port(parts.netloc.rpartition("@")[2], 6379, scheme)
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"{scheme}:// URL: the path names the database by its number, got {db!r}")
 
 
 # -- URLs with several nodes ----------------------------------------------------------------------
