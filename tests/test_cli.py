@@ -389,3 +389,22 @@ def test_check_names_the_memory_ledger_and_warns_once_about_each_set_up() -> Non
         "the fixed estimate (BUDGET_ESTIMATE, 1 usd) is above the limit of rule 'default' (0.5 usd): "
         "every request it applies to is rejected (unless an entity has a limit override above it)"
     ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("usage", "default", "alice", "--json"),
+        ("set-limit", "default", "alice", "abc", "--json"),
+        ("check", "--json"),
+    ],
+)
+def test_with_json_a_mistake_is_one_json_line(argv: tuple[str, ...], unreachable: str) -> None:
+    """A script that asked for --json gets its errors as JSON too (they were plain text)."""
+    env = {"BUDGET_REDIS_URL": unreachable} if argv[0] != "usage" else {}
+    proc = run_cli(*argv, **env)
+    line = refused(proc, 2 if argv[0] != "check" else 1)  # a mistake; a ledger that failed
+    error = json.loads(line)
+    assert set(error) == {"error", "exit"}
+    assert error["exit"] == proc.returncode
+    assert error["error"]

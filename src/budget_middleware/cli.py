@@ -84,21 +84,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     collected, propagate = _Collected(), logger.propagate
     logger.addHandler(collected)
     logger.propagate = False
+    as_json = "--json" in (sys.argv[1:] if argv is None else argv)
     try:
         code = _run(argv, collected)
         for message in collected.messages:
             print(f"warning: {_scrub(message)}", file=sys.stderr)
         return code
     except _Refused as exc:
-        return _fail(str(exc), exc.code)
+        return _fail(str(exc), exc.code, as_json)
     except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
+        return _fail("interrupted", EXIT_INTERRUPTED, as_json)
     except BrokenPipeError:
         # The reader of stdout left (`| head`): stop writing, and keep the exit's flush quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as exc:
-        return _fail(f"unexpected error ({type(exc).__name__}: {exc}); please report it", EXIT_LEDGER)
+        why = f"unexpected error ({type(exc).__name__}: {exc}); please report it"
+        return _fail(why, EXIT_LEDGER, as_json)
     finally:
         logger.removeHandler(collected)
         logger.propagate = propagate
@@ -168,9 +170,11 @@ def _parser() -> _Parser:
     return parser
 
 
-def _fail(message: str, code: int) -> int:
-    """Print ``message`` as one line on stderr, without any password of the Redis URL."""
-    print(_scrub(" ".join(message.split())), file=sys.stderr)
+def _fail(message: str, code: int, as_json: bool = False) -> int:
+    """Print ``message`` as one line on stderr, without any password of the Redis URL; with
+    ``--json``, that line is a JSON object: ``{"error": ..., "exit": ...}``."""
+    line = _scrub(" ".join(message.split()))
+    print(json.dumps({"error": line, "exit": code}) if as_json else line, file=sys.stderr)
     return code
 
 
