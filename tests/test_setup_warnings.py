@@ -150,6 +150,20 @@ def test_the_list_of_variables_is_the_one_from_env_reads_and_the_readme_document
     assert names == ENV_VARIABLES
 
 
+async def ok_app(scope: Any, receive: Any, send: Any) -> None:
+    """An app that completes its lifespan and answers every request with a 200."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
 async def test_the_middleware_logs_its_warnings_once_at_start_up(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -160,16 +174,7 @@ async def test_the_middleware_logs_its_warnings_once_at_start_up(
 
     from budget_middleware import BudgetMiddleware, MemoryLedger
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    mw = BudgetMiddleware(app, BudgetConfig(), ledger=MemoryLedger())
+    mw = BudgetMiddleware(ok_app, BudgetConfig(), ledger=MemoryLedger())
     to_app, from_server = anyio.create_memory_object_stream[dict[str, Any]](4)
     sent: list[dict[str, Any]] = []
 
@@ -197,12 +202,8 @@ async def test_without_a_lifespan_the_warnings_are_logged_once_at_the_first_requ
     from asgi_helpers import RecordingSend, ScriptedReceive, http_scope
     from budget_middleware import BudgetMiddleware, MemoryLedger
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
     config = BudgetConfig(rules=(Rule("user", "header:x-user", "1"),), estimate=2_000_000)
-    mw = BudgetMiddleware(app, config, ledger=MemoryLedger())
+    mw = BudgetMiddleware(ok_app, config, ledger=MemoryLedger())
     with caplog.at_level(logging.WARNING, logger="budget_middleware"):
         for _ in range(3):
             await mw(http_scope(headers=[("x-user", "a")]), ScriptedReceive(), RecordingSend())
@@ -220,20 +221,8 @@ async def test_with_a_lifespan_requests_log_nothing_more(caplog: pytest.LogCaptu
     from asgi_helpers import RecordingSend, ScriptedReceive, http_scope
     from budget_middleware import BudgetMiddleware, MemoryLedger
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
     config = BudgetConfig(rules=(Rule("user", "header:x-user", "1"),), estimate=2_000_000)
-    mw = BudgetMiddleware(app, config, ledger=MemoryLedger())
+    mw = BudgetMiddleware(ok_app, config, ledger=MemoryLedger())
     to_app, from_server = anyio.create_memory_object_stream[dict[str, Any]](4)
     started = anyio.Event()
 
